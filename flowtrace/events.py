@@ -1,0 +1,270 @@
+"""Typed lifecycle events: the spine every consumer of flowtrace reads.
+
+Every event is a pydantic v2 model discriminated by ``type`` (its class name).
+``model_dump(mode="json")`` and :func:`parse_event` round-trip every event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+PipelineType = Literal["sequential", "task", "dataflow"]
+
+TRUNCATION_MARK = "…[truncated]"
+
+
+def utc_now() -> datetime:
+    """Current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class InvalidEvent(ValueError):
+    """Raised by :func:`parse_event` for data that is not a flowtrace event."""
+
+
+class BaseEvent(BaseModel):
+    """Fields every event carries."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    pipeline_id: str
+    pipeline_name: str = ""
+    pipeline_type: PipelineType = "sequential"
+    timestamp: datetime = Field(default_factory=utc_now)
+    trace_id: str | None = None
+    span_id: str | None = None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class PipelineStartEvent(BaseEvent):
+    type: Literal["PipelineStartEvent"] = "PipelineStartEvent"
+    input: Any = None
+    total_steps: int = 1
+    steps: list[str] = Field(default_factory=list)
+
+
+class StepStartEvent(BaseEvent):
+    type: Literal["StepStartEvent"] = "StepStartEvent"
+    step_name: str
+    step_index: int = 0
+    task_id: str = ""
+    attempt: int = 1
+    queue_wait_ms: float | None = None
+    worker: str = ""
+
+
+class StepProgressEvent(BaseEvent):
+    type: Literal["StepProgressEvent"] = "StepProgressEvent"
+    step_name: str
+    step_index: int = 0
+    done: int = 0
+    failed: int = 0
+    total: int = 0
+
+
+class StepCompleteEvent(BaseEvent):
+    type: Literal["StepCompleteEvent"] = "StepCompleteEvent"
+    step_name: str
+    step_index: int = 0
+    task_id: str = ""
+    attempt: int = 1
+    result: Any = None
+    duration_ms: float = 0.0
+
+
+class StepErrorEvent(BaseEvent):
+    type: Literal["StepErrorEvent"] = "StepErrorEvent"
+    step_name: str
+    step_index: int = 0
+    task_id: str = ""
+    attempt: int = 1
+    error: str
+    error_type: str = ""
+    will_retry: bool = False
+    duration_ms: float = 0.0
+
+
+class PipelineCompleteEvent(BaseEvent):
+    type: Literal["PipelineCompleteEvent"] = "PipelineCompleteEvent"
+    status: Literal["COMPLETED"] = "COMPLETED"
+    duration_ms: float = 0.0
+    result: Any = None
+
+
+class PipelineErrorEvent(BaseEvent):
+    type: Literal["PipelineErrorEvent"] = "PipelineErrorEvent"
+    status: Literal["FAILED", "LOST"] = "FAILED"
+    error: str
+    error_type: str = ""
+    failed_step: str | None = None
+    failed_step_index: int | None = None
+    duration_ms: float = 0.0
+
+
+Event = Annotated[
+    PipelineStartEvent
+    | StepStartEvent
+    | StepProgressEvent
+    | StepCompleteEvent
+    | StepErrorEvent
+    | PipelineCompleteEvent
+    | PipelineErrorEvent,
+    Field(discriminator="type"),
+]
+
+EVENT_CLASSES: dict[str, type[BaseEvent]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        PipelineStartEvent,
+        StepStartEvent,
+        StepProgressEvent,
+        StepCompleteEvent,
+        StepErrorEvent,
+        PipelineCompleteEvent,
+        PipelineErrorEvent,
+    )
+}
+EVENT_TYPES: tuple[str, ...] = tuple(EVENT_CLASSES)
+TERMINAL_TYPES = frozenset({"PipelineCompleteEvent", "PipelineErrorEvent"})
+
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(data: dict[str, Any] | str | bytes) -> Event:
+    """Build an event from its JSON form (a dict, JSON text or JSON bytes).
+
+    Raises :class:`InvalidEvent` with a readable reason for anything else.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(f"event is not UTF-8 text: {exc}") from exc
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise InvalidEvent(f"event is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"event must be a JSON object, got {type(data).__name__}")
+    event_type = data.get("type")
+    if event_type not in EVENT_CLASSES:
+        raise InvalidEvent(f"unknown event type {event_type!r}; known: {', '.join(EVENT_TYPES)}")
+    try:
+        return _EVENT_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise InvalidEvent(f"invalid {event_type}: {exc}") from exc
+
+
+def event_to_json(event: BaseEvent) -> str:
+    """The event's wire form (JSON text)."""
+    return event.model_dump_json()
+
+
+class _StopEncoding(Exception):
+    pass
+
+
+def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
+    """A JSON-safe, bounded preview of a task's input or result.
+
+    The value itself when its JSON form fits in ``max_bytes``; otherwise a string
+    cut to ``max_bytes`` and marked as truncated. Values JSON cannot encode are
+    shown through ``repr``. Never raises.
+    """
+    if not capture:
+        return None
+    if value is None or isinstance(value, (bool, int, float)):
+        return value if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    if isinstance(value, str) and len(value) <= max_bytes // 4:
+        return value
+    try:
+        text, complete = _bounded_json(value, max_bytes)
+    except Exception:  # noqa: BLE001 - anything unencodable falls back to repr
+        text, complete = _bounded_repr(value, max_bytes), False
+    if complete:
+        return value if _is_plain_json(value) else json.loads(text)
+    return _truncate(text, max_bytes)
+
+
+def _bounded_json(value: Any, max_bytes: int) -> tuple[str, bool]:
+    """Encode to JSON, stopping once more than ``max_bytes`` were produced."""
+    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    parts: list[str] = []
+    size = 0
+    for chunk in encoder.iterencode(value):
+        parts.append(chunk)
+        size += len(chunk.encode("utf-8"))
+        if size > max_bytes:
+            return "".join(parts), False
+    return "".join(parts), True
+
+
+def _bounded_repr(value: Any, max_bytes: int) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not break us
+        text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
+    return text[: max_bytes * 2]
+
+
+def _truncate(text: str, max_bytes: int) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    budget = max(0, max_bytes - len(TRUNCATION_MARK.encode("utf-8")))
+    return encoded[:budget].decode("utf-8", errors="ignore") + TRUNCATION_MARK
+
+
+def _is_plain_json(value: Any) -> bool:
+    """True when ``value`` is made only of JSON types (no tuples, no subclasses)."""
+    kind = type(value)
+    if kind in (str, int, float, bool) or value is None:
+        return True
+    if kind is list:
+        return all(_is_plain_json(item) for item in value)
+    if kind is dict:
+        return all(type(k) is str and _is_plain_json(v) for k, v in value.items())
+    return False
+
+
+def error_text(exc: BaseException) -> str:
+    """``"ValueError: invalid input"``: the form StepErrorEvent.error uses."""
+    message = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {message}" if message else name
+
+
+__all__ = [
+    "EVENT_CLASSES",
+    "EVENT_TYPES",
+    "TERMINAL_TYPES",
+    "BaseEvent",
+    "Event",
+    "InvalidEvent",
+    "PipelineCompleteEvent",
+    "PipelineErrorEvent",
+    "PipelineStartEvent",
+    "PipelineType",
+    "StepCompleteEvent",
+    "StepErrorEvent",
+    "StepProgressEvent",
+    "StepStartEvent",
+    "error_text",
+    "event_to_json",
+    "parse_event",
+    "preview",
+    "utc_now",
+]

@@ -1,0 +1,85 @@
+"""What this process knows about the message it is executing right now.
+
+One :class:`Execution` per message, kept in a context variable: taskiq runs
+``pre_execute``, the task, ``on_error``, ``post_execute`` and ``post_save`` of one
+message in one asyncio task, and kicks the next hop from inside ``post_save``,
+so the kicks of a hop can be recognised as coming from it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from taskiq import TaskiqMessage
+
+from flowtrace.labels import RunContext, StepContext
+from flowtrace.pipeline_data import StepInfo
+from flowtrace.progress import ProgressMonitor
+from flowtrace.tracing.spans import SpanRecord
+
+
+class Role(enum.Enum):
+    STEP = "step"
+    """A pipeline step or a plain task: the user's own task."""
+    WAITER = "waiter"
+    """taskiq-pipelines' waiter of a map/filter step: stands for the whole step."""
+    ITEM = "item"
+    """One item of a map/filter step."""
+
+
+class Phase(enum.Enum):
+    RUNNING = "running"
+    HANDOFF = "handoff"
+    """The task succeeded; its result is being stored and the next hop kicked."""
+    DONE = "done"
+
+
+@dataclass(slots=True)
+class Execution:
+    message: TaskiqMessage
+    run: RunContext
+    role: Role
+    step_index: int
+    step_name: str
+    attempt: int
+    steps: list[StepInfo] | None
+    started_wall_ns: int
+    started_perf_ns: int
+    span: SpanRecord | None = None
+    root: SpanRecord | None = None
+    fan_out: StepContext | None = None
+    """The map/filter step this message belongs to (items, waiter)."""
+    next_fan_out: StepContext | None = None
+    """The map/filter step this hop is starting by kicking its items."""
+    items_kicked: int = 0
+    phase: Phase = Phase.RUNNING
+    exception: BaseException | None = None
+    retry_pending: bool = False
+    outcome_reported: bool = False
+    next_kicked: bool = False
+    abort_error: BaseException | None = None
+    result_preview: Any = None
+    duration_ms: float = 0.0
+    monitor: ProgressMonitor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_id(self) -> str:
+        return self.message.task_id
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.steps is None or self.step_index >= len(self.steps) - 1
+
+    def next_step(self) -> StepInfo | None:
+        if self.steps is None or self.step_index + 1 >= len(self.steps):
+            return None
+        return self.steps[self.step_index + 1]
+
+
+current_execution: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
+    "flowtrace_execution", default=None
+)

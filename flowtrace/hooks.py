@@ -1,0 +1,225 @@
+"""In-process hooks: user callbacks that see every event this process emits.
+
+A hook never fails, blocks or slows the task it observes: each hook has its own
+bounded queue drained by its own worker (async hooks on the event loop, sync
+hooks on a dedicated thread), errors are logged and counted, and what overflows
+a backlog is counted as dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowtrace import metrics
+from flowtrace.events import (
+    BaseEvent,
+    PipelineCompleteEvent,
+    PipelineErrorEvent,
+    PipelineStartEvent,
+    StepCompleteEvent,
+    StepErrorEvent,
+    StepProgressEvent,
+    StepStartEvent,
+)
+
+logger = logging.getLogger("flowtrace.hooks")
+
+HOOK_METHODS: dict[str, str] = {
+    PipelineStartEvent.__name__: "on_pipeline_start",
+    StepStartEvent.__name__: "on_step_start",
+    StepProgressEvent.__name__: "on_step_progress",
+    StepCompleteEvent.__name__: "on_step_complete",
+    StepErrorEvent.__name__: "on_step_error",
+    PipelineCompleteEvent.__name__: "on_pipeline_complete",
+    PipelineErrorEvent.__name__: "on_pipeline_error",
+}
+
+WILDCARD = "*"
+
+
+@dataclass
+class EventFilter:
+    """Passes an event whose pipeline id AND type each match one of the lists (``*`` = any)."""
+
+    pipeline_ids: list[str] = field(default_factory=lambda: [WILDCARD])
+    event_types: list[str] = field(default_factory=lambda: [WILDCARD])
+
+    def __post_init__(self) -> None:
+        self._any_id = WILDCARD in self.pipeline_ids
+        self._any_type = WILDCARD in self.event_types
+        self._ids = frozenset(self.pipeline_ids)
+        self._types = frozenset(self.event_types)
+
+    def matches(self, event: BaseEvent) -> bool:
+        event_type = getattr(event, "type", type(event).__name__)
+        return (self._any_id or event.pipeline_id in self._ids) and (
+            self._any_type or event_type in self._types
+        )
+
+
+class _Subscription:
+    """One hook object with its filter, queue and worker."""
+
+    def __init__(self, hook: Any, event_filter: EventFilter | None, backlog: int) -> None:
+        self.hook = hook
+        self.filter = event_filter
+        self.name = type(hook).__name__
+        self.backlog = backlog
+        self.queue: asyncio.Queue[BaseEvent] | None = None
+        self.worker: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.executor: ThreadPoolExecutor | None = None
+
+    def wants(self, event: BaseEvent) -> bool:
+        return self.filter is None or self.filter.matches(event)
+
+    def offer(self, event: BaseEvent, loop: asyncio.AbstractEventLoop) -> bool:
+        if self.loop is not loop or self.worker is None or self.worker.done():
+            self._start(loop)
+        assert self.queue is not None
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue = asyncio.Queue(self.backlog)
+        self.worker = loop.create_task(self._drain(self.queue), name=f"flowtrace-hook-{self.name}")
+
+    async def _drain(self, queue: asyncio.Queue[BaseEvent]) -> None:
+        while True:
+            event = await queue.get()
+            try:
+                await self._deliver(event)
+            finally:
+                queue.task_done()
+
+    async def _deliver(self, event: BaseEvent) -> None:
+        for method_name in (HOOK_METHODS.get(type(event).__name__), "on_event"):
+            method = getattr(self.hook, method_name, None) if method_name else None
+            if method is None:
+                continue
+            try:
+                if inspect.iscoroutinefunction(method):
+                    await method(event)
+                else:
+                    await self._run_sync(method, event)
+            except Exception:
+                logger.exception("flowtrace hook %s.%s raised", self.name, method_name)
+                metrics.count_hook_error(self.name)
+
+    async def _run_sync(self, method: Any, event: BaseEvent) -> None:
+        """Sync hooks run on their own thread so a slow one never stalls the event loop."""
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"flowtrace-hook-{self.name}")
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, method, event)
+        if inspect.isawaitable(result):
+            await result
+
+    async def close(self, timeout: float) -> None:
+        if self.queue is not None and self.worker is not None and not self.worker.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.queue.join(), timeout)
+        if self.worker is not None:
+            self.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await self.worker
+            self.worker = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+
+class HookManager:
+    """Collects events and hands each to the hooks that want it.
+
+    ``backlog`` bounds each hook's queue: a hook that falls further behind loses
+    events (counted in ``flowtrace_events_dropped_total{reason="hook_backlog"}``).
+    """
+
+    def __init__(self, backlog: int = 10_000) -> None:
+        self.backlog = backlog
+        self._subscriptions: list[_Subscription] = []
+        self._filters: list[EventFilter] = []
+        self.dropped = 0
+
+    def add_hook(self, hook: Any, filter: EventFilter | None = None) -> None:
+        self._subscriptions.append(_Subscription(hook, filter, self.backlog))
+
+    def remove_hook(self, hook: Any) -> None:
+        self._subscriptions = [s for s in self._subscriptions if s.hook is not hook]
+
+    def add_filter(self, event_filter: EventFilter) -> None:
+        """A manager-wide filter: every added filter must pass."""
+        self._filters.append(event_filter)
+
+    @property
+    def hooks(self) -> list[Any]:
+        return [s.hook for s in self._subscriptions]
+
+    def emit_nowait(self, event: BaseEvent) -> None:
+        """Queue ``event`` for every interested hook; never blocks, never raises."""
+        if not self._subscriptions:
+            return
+        if self._filters and not all(f.matches(event) for f in self._filters):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._drop("no_event_loop")
+            return
+        for subscription in self._subscriptions:
+            if subscription.wants(event) and not subscription.offer(event, loop):
+                self._drop("hook_backlog")
+
+    async def dispatch(self, event: BaseEvent) -> None:
+        """Awaitable form of :meth:`emit_nowait` (it does not wait for the hooks)."""
+        self.emit_nowait(event)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (up to ``timeout`` per hook), then stop the workers."""
+        await asyncio.gather(*(s.close(timeout) for s in self._subscriptions))
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        metrics.count_drop(reason)
+
+
+def setup_websocket_bridge(hook_manager: HookManager, manager: Any = None) -> Any:
+    """Forward every event of ``hook_manager`` to a WebSocket manager (single process)."""
+    from flowtrace.websocket.bridge import setup_websocket_bridge as bridge
+
+    return bridge(hook_manager, manager)
+
+
+def hooks_of(objects: Iterable[Any] | HookManager | None) -> HookManager | None:
+    """Accept a HookManager, a list of hook objects, or None."""
+    if objects is None or isinstance(objects, HookManager):
+        return objects
+    manager = HookManager()
+    for hook in objects:
+        manager.add_hook(hook)
+    return manager
+
+
+__all__ = [
+    "EventFilter",
+    "HookManager",
+    "PipelineCompleteEvent",
+    "PipelineErrorEvent",
+    "PipelineStartEvent",
+    "StepCompleteEvent",
+    "StepErrorEvent",
+    "StepProgressEvent",
+    "StepStartEvent",
+    "setup_websocket_bridge",
+]

@@ -1,0 +1,61 @@
+"""``flowtrace.instrument(broker)``: the one call that attaches flowtrace."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
+
+from flowtrace import metrics
+from flowtrace.hooks import HookManager
+from flowtrace.middleware import FlowtraceMiddleware
+from flowtrace.transport.base import Transport
+from flowtrace.transport.memory import InMemoryTransport
+from flowtrace.transport.redis_stream import RedisStreamTransport
+
+logger = logging.getLogger("flowtrace")
+
+
+def instrument(
+    broker: AsyncBroker,
+    redis_url: str | None = None,
+    hooks: HookManager | list[Any] | None = None,
+    service_name: str | None = None,
+    capture_payloads: bool = True,
+    max_payload_bytes: int = 1024,
+    redact: Callable[[Any], Any] | None = None,
+    metrics_port: int | None = None,
+    transport: Transport | None = None,
+) -> FlowtraceMiddleware:
+    """Add :class:`FlowtraceMiddleware` to ``broker`` and return it.
+
+    Events go to Redis when ``redis_url`` (or ``FLOWTRACE_REDIS_URL``) is given,
+    else to an in-process transport (``mw.transport``, for ``create_app``).
+    """
+    url = redis_url or os.environ.get("FLOWTRACE_REDIS_URL")
+    if transport is None:
+        transport = RedisStreamTransport(url) if url else InMemoryTransport()
+    middleware = FlowtraceMiddleware(
+        hooks=hooks, transport=transport, service_name=service_name,
+        capture_payloads=capture_payloads, max_payload_bytes=max_payload_bytes, redact=redact,
+    )
+    broker.add_middlewares(middleware)
+    middleware.ensure_placement()
+    if metrics_port is not None:
+        _serve_metrics_on_startup(broker, metrics_port)
+    return middleware
+
+
+def _serve_metrics_on_startup(broker: AsyncBroker, port: int) -> None:
+    """Serve this process's counters once its worker starts (each worker process binds once)."""
+
+    def start(_: TaskiqState) -> None:
+        try:
+            metrics.serve_process_metrics(port)
+        except OSError as exc:
+            logger.warning("flowtrace: metrics port %s unavailable (%s)", port, exc)
+
+    broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, start)

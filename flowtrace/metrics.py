@@ -1,0 +1,153 @@
+"""Prometheus metrics (SPEC §5), named after prometheus/client_python conventions.
+
+Two registries, so nothing is ever exposed twice:
+
+* the *process* registry: ``flowtrace_hook_errors_total`` and
+  ``flowtrace_events_dropped_total``, which exist wherever they happen (a worker's
+  ``metrics_port``, or the gateway process itself);
+* a :class:`GatewayMetrics` registry per gateway, fed by the run store from the
+  events of every worker: runs, steps, events and WebSocket metrics.
+
+No label ever carries an unbounded value: pipelines and steps are identified by
+their names, which are low-cardinality by construction.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Runs and steps last from milliseconds (a no-op task) to an hour (a batch job):
+# roughly logarithmic buckets, dense below a second where most steps land, with
+# enough upper buckets that p99 of hour-long pipelines is still resolved.
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)
+# Queue waits are usually milliseconds; a backlog pushes them to minutes.
+QUEUE_WAIT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 300.0, 600.0,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+PROCESS_REGISTRY = CollectorRegistry(auto_describe=True)
+HOOK_ERRORS = Counter(
+    "flowtrace_hook_errors_total",
+    "Hook calls that raised, by hook class name.",
+    ["hook"],
+    registry=PROCESS_REGISTRY,
+)
+EVENTS_DROPPED = Counter(
+    "flowtrace_events_dropped_total",
+    "Events lost in this process, by reason (hook backlog full, transport buffer full, ...).",
+    ["reason"],
+    registry=PROCESS_REGISTRY,
+)
+
+
+def count_hook_error(hook: str) -> None:
+    HOOK_ERRORS.labels(hook=hook).inc()
+
+
+def count_drop(reason: str, count: int = 1) -> None:
+    EVENTS_DROPPED.labels(reason=reason).inc(count)
+
+
+class GatewayMetrics:
+    """Run, step, event and WebSocket metrics of one gateway, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.pipeline_runs = Counter(
+            "flowtrace_pipeline_runs_total", "Finished runs by pipeline and final status.",
+            ["pipeline", "status"], registry=r)
+        self.pipeline_duration = Histogram(
+            "flowtrace_pipeline_duration_seconds", "Run duration from kick to end.",
+            ["pipeline", "status"], buckets=DURATION_BUCKETS, registry=r)
+        self.pipelines_in_progress = Gauge(
+            "flowtrace_pipelines_in_progress", "Runs started and not yet finished.",
+            ["pipeline"], registry=r)
+        self.step_runs = Counter(
+            "flowtrace_step_runs_total", "Step attempts by outcome.",
+            ["pipeline", "step", "status"], registry=r)
+        self.step_duration = Histogram(
+            "flowtrace_step_duration_seconds", "Step attempt execution time.",
+            ["pipeline", "step"], buckets=DURATION_BUCKETS, registry=r)
+        self.step_queue_wait_seconds = Histogram(
+            "flowtrace_step_queue_wait_seconds", "Time a step waited between kick and start.",
+            ["pipeline", "step"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.events = Counter(
+            "flowtrace_events_total", "Events consumed by this gateway, by type.",
+            ["type"], registry=r)
+        self.ws_connections = Gauge(
+            "flowtrace_ws_connections", "Open WebSocket connections.", registry=r)
+        self.ws_rejected = Counter(
+            "flowtrace_ws_connections_rejected_total", "WebSocket connections refused.",
+            ["reason"], registry=r)
+        self.ws_sent = Counter(
+            "flowtrace_ws_messages_sent_total", "Messages sent to WebSocket clients.", registry=r)
+        self.ws_dropped = Counter(
+            "flowtrace_ws_messages_dropped_total", "Messages not delivered to a WebSocket client.",
+            ["reason"], registry=r)
+
+    # Runs -----------------------------------------------------------------
+    def run_started(self, pipeline: str) -> None:
+        self.pipelines_in_progress.labels(pipeline=pipeline).inc()
+
+    def run_finished(self, pipeline: str, status: str, duration_s: float | None,
+                     was_in_progress: bool = True) -> None:
+        """Count a finished run; ``status`` is completed, failed or lost."""
+        self.pipeline_runs.labels(pipeline=pipeline, status=status).inc()
+        if duration_s is not None:
+            self.pipeline_duration.labels(pipeline=pipeline, status=status).observe(duration_s)
+        if was_in_progress:
+            self.pipelines_in_progress.labels(pipeline=pipeline).dec()
+
+    # Steps ----------------------------------------------------------------
+    def step_finished(self, pipeline: str, step: str, status: str,
+                      duration_s: float | None) -> None:
+        """Count a step attempt; ``status`` is completed, failed or retried."""
+        self.step_runs.labels(pipeline=pipeline, step=step, status=status).inc()
+        if duration_s is not None:
+            self.step_duration.labels(pipeline=pipeline, step=step).observe(duration_s)
+
+    def step_queue_wait(self, pipeline: str, step: str, wait_s: float) -> None:
+        self.step_queue_wait_seconds.labels(pipeline=pipeline, step=step).observe(max(0.0, wait_s))
+
+    def event_seen(self, event_type: str) -> None:
+        self.events.labels(type=event_type).inc()
+
+    # WebSocket ------------------------------------------------------------
+    def ws_connected(self) -> None:
+        self.ws_connections.inc()
+
+    def ws_disconnected(self) -> None:
+        self.ws_connections.dec()
+
+    def ws_connection_rejected(self, reason: str) -> None:
+        """``reason`` is limit, auth or origin."""
+        self.ws_rejected.labels(reason=reason).inc()
+
+    def ws_messages_sent(self, count: int = 1) -> None:
+        self.ws_sent.inc(count)
+
+    def ws_messages_dropped(self, reason: str, count: int = 1) -> None:
+        self.ws_dropped.labels(reason=reason).inc(count)
+
+    def render(self) -> bytes:
+        """Prometheus text for this gateway plus this process's own counters."""
+        return generate_latest(self.registry) + generate_latest(PROCESS_REGISTRY)
+
+
+def render_process_metrics() -> bytes:
+    return generate_latest(PROCESS_REGISTRY)
+
+
+def serve_process_metrics(port: int, addr: str = "0.0.0.0") -> None:
+    """Expose this process's own counters (hook errors, local drops) on ``port``."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=addr, registry=PROCESS_REGISTRY)

@@ -1,0 +1,674 @@
+"""The taskiq middleware: the one place where flowtrace looks at taskiq.
+
+It turns taskiq's hooks into SPEC §3 events and SPEC §4 spans, for plain tasks
+and for taskiq-pipelines pipelines. Placement matters and is enforced: the
+middleware sits first in ``broker.middlewares`` (so its ``post_*``/``on_error``
+hooks run after everyone else's, including ``PipelineMiddleware.post_save``, which
+kicks the next hop) and a small companion sits last (its ``on_error`` runs first,
+capturing the exception before a retry middleware re-kicks the task).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
+from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
+from taskiq.exceptions import NoResultError
+
+from flowtrace import metrics
+from flowtrace.emitter import Emitter
+from flowtrace.events import (
+    PipelineCompleteEvent,
+    PipelineErrorEvent,
+    PipelineStartEvent,
+    StepCompleteEvent,
+    StepErrorEvent,
+    StepProgressEvent,
+    StepStartEvent,
+    error_text,
+)
+from flowtrace.execution import Execution, Phase, Role, current_execution
+from flowtrace.hooks import HookManager, hooks_of
+from flowtrace.labels import (
+    KICKED_AT_LABEL,
+    NAME_LABEL,
+    RUN_LABEL,
+    STEP_LABEL,
+    RunContext,
+    StepContext,
+    kicked_at,
+)
+from flowtrace.pipeline_data import (
+    FILTER_WAITER,
+    MAP_WAITER,
+    PIPELINE_DATA,
+    StepInfo,
+    current_step,
+    parse_steps,
+)
+from flowtrace.progress import ProgressMonitor, counter_key
+from flowtrace.tracing.setup import configure_tracing, flush_tracing
+from flowtrace.tracing.spans import SpanRecord, SpanSink, current_parent, new_span_id, new_trace_id
+from flowtrace.transport.base import Transport
+from flowtrace.transport.memory import InMemoryTransport
+
+logger = logging.getLogger("flowtrace")
+
+WAITER_TASKS = frozenset({MAP_WAITER, FILTER_WAITER})
+_PIPELINES_LOGGER = "taskiq_pipelines.middleware"
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _never_raises(default_arg: int | None = None) -> Callable[[F], F]:
+    """flowtrace must never fail the task it observes: log and carry on."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        async def guarded(self: Any, *args: Any) -> Any:
+            try:
+                return await method(self, *args)
+            except Exception:
+                logger.exception("flowtrace: %s failed; the task is unaffected", method.__name__)
+                return args[default_arg] if default_arg is not None else None
+
+        return guarded  # type: ignore[return-value]
+
+    return decorate
+
+
+def _call_input(args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """A task's input as users think of it: the single argument, else args and kwargs."""
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and kwargs:
+        return kwargs
+    return {"args": list(args), "kwargs": kwargs}
+
+
+def _label_text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+class _ErrorCapture(TaskiqMiddleware):
+    """Sits last so that its ``on_error`` runs first, before any retry is kicked."""
+
+    def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any],
+                 exception: BaseException) -> None:
+        execution = current_execution.get()
+        if execution is not None and execution.task_id == message.task_id:
+            execution.exception = exception
+
+
+class _AbortCapture(logging.Filter):
+    """Reads the reason of a pipeline aborted inside ``PipelineMiddleware.post_save``.
+
+    taskiq-pipelines catches ``AbortPipeline`` itself and only logs it; the log
+    record is the one place its reason is visible.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and args and isinstance(args[0], BaseException):
+            execution = current_execution.get()
+            if execution is not None and "abort" in str(record.msg).lower():
+                execution.abort_error = args[0]
+        return True
+
+
+_abort_capture = _AbortCapture()
+
+
+class FlowtraceMiddleware(TaskiqMiddleware):
+    """Emits flowtrace events and spans for every run on the broker it is added to."""
+
+    def __init__(
+        self,
+        hooks: HookManager | list[Any] | None = None,
+        transport: Transport | None = None,
+        service_name: str | None = None,
+        capture_payloads: bool = True,
+        max_payload_bytes: int = 1024,
+        redact: Callable[[Any], Any] | None = None,
+        tracer_provider: TracerProvider | None = None,
+        progress_interval: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.hooks = hooks_of(hooks)
+        self.transport = transport if transport is not None else InMemoryTransport()
+        self.transport.on_drop(metrics.count_drop)
+        self.service_name = service_name
+        self.progress_interval = progress_interval
+        self.emitter = Emitter(self.transport, self.hooks, capture_payloads, max_payload_bytes,
+                               redact)
+        self._tracer_provider = tracer_provider
+        self._sink: SpanSink | None = None
+        self._sink_resolved = False
+        self._tail = _ErrorCapture()
+        logging.getLogger(_PIPELINES_LOGGER).addFilter(_abort_capture)
+
+    # Placement and setup ----------------------------------------------------
+
+    def set_broker(self, broker: AsyncBroker) -> None:
+        super().set_broker(broker)
+        self._tail.set_broker(broker)
+
+    def ensure_placement(self) -> None:
+        """Keep this middleware first and its error capture last (see module doc)."""
+        broker = getattr(self, "broker", None)
+        if broker is None:
+            return
+        chain = broker.middlewares
+        if chain and chain[0] is self and chain[-1] is self._tail:
+            return
+        others = [m for m in chain if m is not self and m is not self._tail]
+        # A new list: a hook loop iterating the old one is not disturbed.
+        broker.middlewares = [self, *others, self._tail]
+        self._wrap_result_backend(broker)
+
+    def _wrap_result_backend(self, broker: AsyncBroker) -> None:
+        """A result that cannot be stored fails its step: taskiq only logs it."""
+        backend = broker.result_backend
+        original = backend.set_result
+        if getattr(original, "_flowtrace_wrapped", False):
+            return
+
+        @functools.wraps(original)
+        async def set_result(task_id: str, result: TaskiqResult[Any]) -> None:
+            try:
+                await original(task_id, result)
+            except Exception as exc:
+                await self._result_not_stored(task_id, exc)
+                raise
+
+        set_result._flowtrace_wrapped = True  # type: ignore[attr-defined]
+        backend.set_result = set_result  # type: ignore[method-assign]
+
+    @property
+    def sink(self) -> SpanSink | None:
+        """Where spans go; resolved on first use so an app's own provider is honoured."""
+        if not self._sink_resolved:
+            self._sink_resolved = True
+            provider = self._tracer_provider or configure_tracing(self.service_name)
+            self._sink = SpanSink(provider) if provider is not None else None
+        return self._sink
+
+    async def startup(self) -> None:
+        self.ensure_placement()
+
+    async def shutdown(self) -> None:
+        """Deliver what is queued: hooks, transport, and every finished span."""
+        import asyncio
+
+        if self.hooks is not None:
+            await self.hooks.close()
+        await self.transport.close()
+        if self._sink is not None:
+            await asyncio.to_thread(flush_tracing, self._sink.provider)
+
+    # Sending ---------------------------------------------------------------
+
+    @_never_raises(default_arg=0)
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        self.ensure_placement()
+        labels = message.labels
+        labels[KICKED_AT_LABEL] = str(time.time_ns())
+        execution = current_execution.get()
+        if execution is not None and execution.phase is not Phase.DONE:
+            if message.task_id == execution.task_id:
+                await self._retry_kicked(execution)
+                return message
+            if execution.phase is Phase.HANDOFF and await self._next_hop(execution, message):
+                return message
+        if RUN_LABEL not in labels:
+            await self._start_run(message)
+        return message
+
+    async def _start_run(self, message: TaskiqMessage) -> None:
+        labels = message.labels
+        step = current_step(labels)
+        steps = parse_steps(labels.get(PIPELINE_DATA)) if step is not None else None
+        if step is not None and (steps is None or step != 0):
+            return  # a later hop kicked without flowtrace: its worker picks the run up
+        run = self._new_run(message, steps, time.time_ns())
+        labels[RUN_LABEL] = run.encode()
+        await self._emit_pipeline_start(run, message, steps)
+        await self.transport.flush()
+
+    def _new_run(self, message: TaskiqMessage, steps: list[StepInfo] | None,
+                 started_ns: int) -> RunContext:
+        explicit_name = _label_text(message.labels.get(NAME_LABEL))
+        if steps:
+            run_id, kind, name = steps[-1].task_id, "sequential", steps[0].name
+        else:
+            run_id, kind, name = message.task_id, "task", message.task_name
+        name = explicit_name or name
+        sink = self.sink
+        if sink is None:
+            return RunContext(run_id, name, kind, started_ns)
+        parent = current_parent()
+        trace_id = parent.trace_id if parent is not None else new_trace_id()
+        sampled = sink.sample(trace_id, f"pipeline {name}", parent)
+        return RunContext(run_id, name, kind, started_ns, trace_id, new_span_id(),
+                          parent.span_id if parent is not None else 0, sampled)
+
+    async def _emit_pipeline_start(self, run: RunContext, message: TaskiqMessage,
+                                   steps: list[StepInfo] | None) -> None:
+        names = [s.name for s in steps] if steps else [message.task_name]
+        event = PipelineStartEvent(
+            pipeline_id=run.pipeline_id, pipeline_name=run.name,
+            pipeline_type=run.type,  # type: ignore[arg-type]
+            trace_id=f"{run.trace_id:032x}" if run.trace_id else None,
+            span_id=f"{run.root_span_id:016x}" if run.trace_id else None,
+            input=self.emitter.payload(_call_input(message.args, message.kwargs)),
+            total_steps=len(names), steps=names,
+        )
+        await self.emitter.emit(event, None, run.started_ns)
+
+    async def _next_hop(self, execution: Execution, message: TaskiqMessage) -> bool:
+        """Label the next step's message or a map item, after publishing this hop's events."""
+        next_step = execution.next_step()
+        if next_step is None:
+            return False
+        labels = message.labels
+        index = current_step(labels)
+        if index == execution.step_index + 1 and message.task_id == next_step.task_id:
+            await self._report_success(execution)
+            if next_step.fans_out:
+                fan_out = execution.next_fan_out or await self._start_fan_out(execution, next_step)
+                fan_out = StepContext(fan_out.index, fan_out.span_id, fan_out.started_ns,
+                                      execution.items_kicked)
+                labels[STEP_LABEL] = fan_out.encode()
+            labels[RUN_LABEL] = execution.run.encode()
+            execution.next_kicked = True
+            await self.transport.flush()
+            return True
+        if index is None and next_step.fans_out and message.task_name == next_step.name:
+            fan_out = execution.next_fan_out
+            if fan_out is None:
+                await self._report_success(execution)
+                fan_out = await self._start_fan_out(execution, next_step)
+                await self.transport.flush()
+            labels[RUN_LABEL] = execution.run.encode()
+            labels[STEP_LABEL] = StepContext(fan_out.index, fan_out.span_id, fan_out.started_ns,
+                                             0, execution.items_kicked).encode()
+            execution.items_kicked += 1
+            return True
+        return False
+
+    async def _start_fan_out(self, execution: Execution, step: StepInfo) -> StepContext:
+        """The kicking process starts a map/filter step: its span and StepStartEvent."""
+        run = execution.run
+        now = time.time_ns()
+        fan_out = StepContext(execution.step_index + 1, new_span_id(), now)
+        execution.next_fan_out = fan_out
+        span = self._step_span(run, step.name, fan_out.index, 1, step.task_id, now, fan_out.span_id)
+        event = StepStartEvent(
+            **self._common(run, span), step_name=step.name, step_index=fan_out.index,
+            task_id=step.task_id, attempt=1, queue_wait_ms=None, worker=self.emitter.worker,
+        )
+        await self.emitter.emit(event, None, now)
+        return fan_out
+
+    # Executing -------------------------------------------------------------
+
+    @_never_raises(default_arg=0)
+    async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        self.ensure_placement()
+        now_wall, now_perf = time.time_ns(), time.perf_counter_ns()
+        labels = message.labels
+        index = current_step(labels)
+        steps = parse_steps(labels.get(PIPELINE_DATA)) if index is not None else None
+        fan_out = StepContext.decode(labels.get(STEP_LABEL)) if STEP_LABEL in labels else None
+        role = self._role_of(message, fan_out, steps)
+        run = RunContext.decode(labels.get(RUN_LABEL)) if RUN_LABEL in labels else None
+        started_here = run is None
+        if run is None:
+            run = self._new_run(message, steps, now_wall)
+            labels[RUN_LABEL] = run.encode()
+        step_index = fan_out.index if fan_out is not None else (index or 0)
+        step_name = (
+            steps[step_index].name if steps and role is Role.WAITER and step_index < len(steps)
+            else message.task_name
+        )
+        execution = Execution(
+            message=message, run=run, role=role, step_index=step_index, step_name=step_name,
+            attempt=int(labels.get("_retries", 0) or 0) + 1, steps=steps,
+            started_wall_ns=now_wall, started_perf_ns=now_perf, fan_out=fan_out,
+        )
+        current_execution.set(execution)
+        if started_here and (index in (None, 0)) and role is not Role.ITEM:
+            await self._emit_pipeline_start(run, message, steps)
+        execution.span = self._execution_span(execution, now_wall)
+        if execution.span is not None:
+            otel_context.attach(trace.set_span_in_context(execution.span.as_current()))
+        if role is Role.STEP or (role is Role.WAITER and fan_out is None):
+            await self._emit_step_start(execution, labels, now_wall)
+        if role is Role.WAITER:
+            self._start_monitor(execution, message)
+        return message
+
+    @staticmethod
+    def _role_of(message: TaskiqMessage, fan_out: StepContext | None,
+                 steps: list[StepInfo] | None) -> Role:
+        if fan_out is not None and fan_out.item_index >= 0:
+            return Role.ITEM
+        if message.task_name in WAITER_TASKS and steps is not None:
+            return Role.WAITER
+        return Role.STEP
+
+    def _execution_span(self, execution: Execution, now: int) -> SpanRecord | None:
+        run = execution.run
+        if self.sink is None or not run.trace_id:
+            return None
+        fan_out = execution.fan_out
+        if execution.role is Role.ITEM and fan_out is not None:
+            span = SpanRecord(execution.message.task_name, run.trace_id, new_span_id(),
+                              fan_out.span_id, now, run.sampled, SpanKind.CONSUMER)
+            if run.sampled:
+                span.attributes.update(self._span_attributes(execution))
+                span.attributes["flowtrace.item.index"] = fan_out.item_index
+            return span
+        if execution.role is Role.WAITER and fan_out is not None:
+            span = self._step_span(run, execution.step_name, execution.step_index, 1,
+                                   execution.task_id, fan_out.started_ns, fan_out.span_id)
+            if span is not None:  # its StepStartEvent was emitted by the kicking process
+                span.add_event("StepStartEvent", {
+                    "flowtrace.pipeline_id": run.pipeline_id,
+                    "flowtrace.step_name": execution.step_name,
+                    "flowtrace.step_index": execution.step_index,
+                    "flowtrace.task_id": execution.task_id,
+                }, fan_out.started_ns)
+            return span
+        return self._step_span(run, execution.step_name, execution.step_index, execution.attempt,
+                               execution.task_id, now, new_span_id())
+
+    def _step_span(self, run: RunContext, name: str, index: int, attempt: int, task_id: str,
+                   start_ns: int, span_id: int) -> SpanRecord | None:
+        if self.sink is None or not run.trace_id:
+            return None
+        span = SpanRecord(name, run.trace_id, span_id, run.root_span_id, start_ns, run.sampled,
+                          SpanKind.CONSUMER)
+        if run.sampled:
+            span.attributes.update({
+                "messaging.system": "taskiq",
+                "messaging.operation.type": "process",
+                "messaging.message.id": task_id,
+                "flowtrace.pipeline.id": run.pipeline_id,
+                "flowtrace.pipeline.name": run.name,
+                "flowtrace.pipeline.type": run.type,
+                "flowtrace.step.index": index,
+                "flowtrace.step.name": name,
+                "flowtrace.step.attempt": attempt,
+            })
+        return span
+
+    def _span_attributes(self, execution: Execution) -> dict[str, Any]:
+        run = execution.run
+        return {
+            "messaging.system": "taskiq",
+            "messaging.operation.type": "process",
+            "messaging.message.id": execution.task_id,
+            "flowtrace.pipeline.id": run.pipeline_id,
+            "flowtrace.pipeline.name": run.name,
+            "flowtrace.pipeline.type": run.type,
+            "flowtrace.step.index": execution.step_index,
+            "flowtrace.step.name": execution.step_name,
+            "flowtrace.step.attempt": execution.attempt,
+        }
+
+    @staticmethod
+    def _common(run: RunContext, span: SpanRecord | None) -> dict[str, Any]:
+        return {
+            "pipeline_id": run.pipeline_id,
+            "pipeline_name": run.name,
+            "pipeline_type": run.type,
+            "trace_id": span.trace_id_hex if span is not None else None,
+            "span_id": span.span_id_hex if span is not None else None,
+        }
+
+    async def _emit_step_start(self, execution: Execution, labels: dict[str, Any],
+                               now: int) -> None:
+        sent = kicked_at(labels)
+        event = StepStartEvent(
+            **self._common(execution.run, execution.span), step_name=execution.step_name,
+            step_index=execution.step_index, task_id=execution.task_id,
+            attempt=execution.attempt,
+            queue_wait_ms=max(0.0, (now - sent) / 1e6) if sent is not None else None,
+            worker=self.emitter.worker,
+        )
+        await self.emitter.emit(event, execution.span, now)
+
+    def _start_monitor(self, execution: Execution, message: TaskiqMessage) -> None:
+        task_ids = message.args[0] if message.args else message.kwargs.get("task_ids", [])
+        total = len(task_ids) if isinstance(task_ids, list) else 0
+        execution.extra["total"] = total
+
+        async def report(done: int, failed: int) -> None:
+            event = StepProgressEvent(
+                **self._common(execution.run, execution.span), step_name=execution.step_name,
+                step_index=execution.step_index, done=done, failed=failed, total=total,
+            )
+            await self.emitter.emit(event, None, time.time_ns())
+
+        execution.monitor = ProgressMonitor(
+            self.transport, counter_key(execution.run.pipeline_id, execution.step_index), total,
+            report, self.progress_interval,
+        )
+        execution.monitor.start()
+
+    @_never_raises()
+    async def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any],
+                       exception: BaseException) -> None:
+        execution = current_execution.get()
+        if execution is None or execution.task_id != message.task_id:
+            return
+        if execution.exception is None:
+            execution.exception = exception
+        if isinstance(result.error, NoResultError) and not isinstance(exception, NoResultError):
+            execution.retry_pending = True  # a retry middleware took the failure over
+
+    @_never_raises()
+    async def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        execution = current_execution.get()
+        if execution is None or execution.task_id != message.task_id:
+            return
+        execution.duration_ms = (time.perf_counter_ns() - execution.started_perf_ns) / 1e6
+        if not result.is_err:
+            execution.phase = Phase.HANDOFF
+            execution.result_preview = result.return_value
+            if execution.role is Role.ITEM:
+                self._finish_item(execution, failed=False)
+            return
+        if execution.role is Role.ITEM:
+            self._finish_item(execution, failed=True)
+            return
+        exception = execution.exception or result.error
+        if exception is None or (isinstance(exception, NoResultError)
+                                 and execution.exception is None):
+            execution.phase = Phase.HANDOFF  # the task chose to store no result
+            return
+        will_retry = execution.retry_pending or execution.outcome_reported
+        await self._report_error(execution, exception, will_retry)
+        if not will_retry:
+            await self._end_run_failed(execution, exception, execution.step_name,
+                                       execution.step_index)
+
+    @_never_raises()
+    async def post_save(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        execution = current_execution.get()
+        if execution is None or execution.task_id != message.task_id:
+            return
+        if result.is_err or execution.role is Role.ITEM or execution.phase is Phase.DONE:
+            return
+        await self._report_success(execution)
+        if execution.is_last_step:
+            await self._end_run_completed(execution)
+        elif not execution.next_kicked:
+            reason = execution.abort_error
+            await self._end_run_failed(
+                execution,
+                reason if reason is not None else RuntimeError("pipeline aborted"),
+                execution.next_step().name if execution.next_step() else execution.step_name,
+                execution.step_index + 1,
+            )
+        execution.phase = Phase.DONE
+
+    # Outcomes --------------------------------------------------------------
+
+    async def _retry_kicked(self, execution: Execution) -> None:
+        """A retry middleware re-kicked the failing task: report the attempt first."""
+        execution.retry_pending = True
+        exception = execution.exception or RuntimeError("task failed")
+        execution.duration_ms = (time.perf_counter_ns() - execution.started_perf_ns) / 1e6
+        await self._report_error(execution, exception, will_retry=True)
+        await self.transport.flush()
+
+    async def _report_success(self, execution: Execution) -> None:
+        if execution.outcome_reported:
+            return
+        execution.outcome_reported = True
+        now = time.time_ns()
+        if execution.role is Role.WAITER:
+            await self._finish_monitor(execution, failed=False)
+            duration = self._fan_out_duration(execution, now)
+        else:
+            duration = execution.duration_ms
+        execution.result_preview = self.emitter.payload(execution.result_preview)
+        event = StepCompleteEvent(
+            **self._common(execution.run, execution.span), step_name=execution.step_name,
+            step_index=execution.step_index, task_id=execution.task_id,
+            attempt=execution.attempt, result=execution.result_preview, duration_ms=duration,
+        )
+        await self.emitter.emit(event, execution.span, now)
+        self._end_span(execution.span, now)
+
+    async def _report_error(self, execution: Execution, exception: BaseException,
+                            will_retry: bool) -> None:
+        if execution.outcome_reported:
+            return
+        execution.outcome_reported = True
+        now = time.time_ns()
+        duration = execution.duration_ms
+        if execution.role is Role.WAITER:
+            await self._finish_monitor(execution, failed=True)
+            duration = self._fan_out_duration(execution, now)
+        span = execution.span
+        event = StepErrorEvent(
+            **self._common(execution.run, span), step_name=execution.step_name,
+            step_index=execution.step_index, task_id=execution.task_id,
+            attempt=execution.attempt, error=error_text(exception),
+            error_type=type(exception).__name__, will_retry=will_retry, duration_ms=duration,
+        )
+        if span is not None and span.sampled:
+            span.record_exception(exception, now)
+            span.attributes["flowtrace.step.will_retry"] = will_retry
+        await self.emitter.emit(event, span, now)
+        self._end_span(span, now)
+
+    @staticmethod
+    def _fan_out_duration(execution: Execution, now: int) -> float:
+        start = execution.fan_out.started_ns if execution.fan_out else execution.started_wall_ns
+        return max(0.0, (now - start) / 1e6)
+
+    async def _finish_monitor(self, execution: Execution, failed: bool) -> None:
+        monitor = execution.monitor
+        if monitor is None:
+            return
+        total = monitor.total
+        counted_done, counted_failed = await monitor.counted()
+        value = execution.result_preview
+        if failed:
+            bad = min(total, max(1, counted_failed))
+            done = min(total - bad, counted_done)
+        elif execution.message.task_name == MAP_WAITER and isinstance(value, list):
+            done, bad = len(value), total - len(value)  # skipped errors are missing results
+        else:
+            bad = min(total, counted_failed)
+            done = total - bad
+        await monitor.finish(done, bad)
+        if execution.span is not None and execution.span.sampled:
+            execution.span.attributes.update({
+                "flowtrace.step.done": done, "flowtrace.step.failed": bad,
+                "flowtrace.step.total": total,
+            })
+
+    def _finish_item(self, execution: Execution, failed: bool) -> None:
+        self.transport.count_item(counter_key(execution.run.pipeline_id, execution.step_index),
+                                  failed)
+        execution.phase = Phase.DONE
+        span = execution.span
+        if span is not None and failed and execution.exception is not None:
+            span.record_exception(execution.exception, time.time_ns())
+        self._end_span(span, time.time_ns())
+
+    def _end_span(self, span: SpanRecord | None, now: int) -> None:
+        if span is not None and self._sink is not None:
+            self._sink.emit(span, now)
+
+    async def _end_run_completed(self, execution: Execution) -> None:
+        run, now = execution.run, time.time_ns()
+        root = self._root_span(run)
+        event = PipelineCompleteEvent(
+            **self._common(run, root), duration_ms=max(0.0, (now - run.started_ns) / 1e6),
+            result=execution.result_preview,
+        )
+        await self.emitter.emit(event, root, now)
+        self._end_span(root, now)
+        execution.phase = Phase.DONE
+
+    async def _end_run_failed(self, execution: Execution, exception: BaseException,
+                              failed_step: str, failed_index: int) -> None:
+        run, now = execution.run, time.time_ns()
+        root = self._root_span(run)
+        event = PipelineErrorEvent(
+            **self._common(run, root), status="FAILED", error=error_text(exception),
+            error_type=type(exception).__name__, failed_step=failed_step,
+            failed_step_index=failed_index, duration_ms=max(0.0, (now - run.started_ns) / 1e6),
+        )
+        if root is not None:
+            root.error = event.error
+        await self.emitter.emit(event, root, now)
+        self._end_span(root, now)
+        execution.phase = Phase.DONE
+
+    def _root_span(self, run: RunContext) -> SpanRecord | None:
+        """The run's root span, closed by whichever process sees the run end."""
+        if self.sink is None or not run.trace_id:
+            return None
+        root = SpanRecord(f"pipeline {run.name}", run.trace_id, run.root_span_id,
+                          run.parent_span_id, run.started_ns, run.sampled)
+        if run.sampled:
+            root.attributes.update({
+                "flowtrace.pipeline.id": run.pipeline_id,
+                "flowtrace.pipeline.name": run.name,
+                "flowtrace.pipeline.type": run.type,
+            })
+            root.add_event("PipelineStartEvent", {
+                "flowtrace.pipeline_id": run.pipeline_id,
+                "flowtrace.pipeline_name": run.name,
+                "flowtrace.pipeline_type": run.type,
+            }, run.started_ns)
+        return root
+
+    async def _result_not_stored(self, task_id: str, exc: Exception) -> None:
+        execution = current_execution.get()
+        if execution is None or execution.task_id != task_id or execution.phase is not Phase.HANDOFF:
+            return
+        if execution.role is Role.ITEM:
+            return
+        try:
+            await self._report_error(execution, exc, will_retry=False)
+            await self._end_run_failed(execution, exc, execution.step_name, execution.step_index)
+        except Exception:
+            logger.exception("flowtrace: reporting an unstored result failed")

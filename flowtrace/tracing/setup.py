@@ -1,0 +1,82 @@
+"""Find or build the SDK ``TracerProvider`` flowtrace exports through.
+
+An application that installed its own SDK provider keeps it. Otherwise, when the
+standard ``OTEL_*`` environment asks for OTLP, flowtrace builds a provider with a
+batch processor and the gRPC or ``http/protobuf`` exporter, as the environment
+says. With neither, tracing is off and events carry no trace ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+logger = logging.getLogger("flowtrace.tracing")
+
+_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+_owned_provider: TracerProvider | None = None
+
+
+def _otlp_requested() -> bool:
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() in ("none",):
+        return False
+    return any(os.environ.get(name) for name in _ENDPOINT_VARS) or (
+        os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "otlp"
+    )
+
+
+def _otlp_exporter() -> SpanExporter:
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).lower()
+    if protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
+    )
+
+    return GrpcExporter()
+
+
+def configure_tracing(service_name: str | None = None) -> TracerProvider | None:
+    """The SDK provider to export through, building one from ``OTEL_*`` when needed."""
+    global _owned_provider
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    if _owned_provider is not None:
+        return _owned_provider
+    if not _otlp_requested():
+        return None
+    attributes = {}
+    if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes[SERVICE_NAME] = service_name
+    provider = TracerProvider(resource=Resource.create(attributes))
+    provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+    trace.set_tracer_provider(provider)
+    _owned_provider = provider
+    logger.info("flowtrace: exporting traces over OTLP")
+    return provider
+
+
+def flush_tracing(provider: TracerProvider | None, timeout_ms: int = 10_000) -> None:
+    """Export every finished span now (worker shutdown): blocking, call off the loop."""
+    if provider is None:
+        return
+    try:
+        provider.force_flush(timeout_ms)
+    except Exception:
+        logger.exception("flowtrace: flushing spans failed")

@@ -1,0 +1,153 @@
+"""Spans built from preallocated ids and handed to the SDK's processors when done.
+
+A run's root span starts in the process that kicks it and ends in the process that
+sees its end, and a map step's span is opened by the kicking process and closed by
+the waiter's. The SDK cannot build a ``Span`` with given ids, but its processors
+accept a finished ``ReadableSpan``: flowtrace keeps ids and timings in a small
+:class:`SpanRecord`, makes a ``NonRecordingSpan`` with that context current so user
+spans nest under it, and emits the ``ReadableSpan`` at the end. Nothing of the
+SDK's span machinery runs on the task's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import Event as SpanEvent
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status, StatusCode
+
+from flowtrace import __version__
+
+logger = logging.getLogger("flowtrace.tracing")
+
+_SCOPE = InstrumentationScope("flowtrace", __version__)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_random = random.Random()
+
+
+def new_trace_id() -> int:
+    return _random.getrandbits(128) or 1
+
+
+def new_span_id() -> int:
+    return _random.getrandbits(64) or 1
+
+
+def span_context(trace_id: int, span_id: int, sampled: bool) -> SpanContext:
+    return SpanContext(trace_id, span_id, is_remote=True,
+                       trace_flags=_SAMPLED if sampled else _UNSAMPLED)
+
+
+def current_parent() -> SpanContext | None:
+    """The span active in the caller (a FastAPI request, say), if any."""
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid else None
+
+
+def exception_attributes(exc: BaseException) -> dict[str, Any]:
+    """The standard ``exception`` span event's attributes."""
+    return {
+        "exception.type": type(exc).__qualname__,
+        "exception.message": str(exc),
+        "exception.stacktrace": "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)
+        ),
+        "exception.escaped": False,
+    }
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """A span in progress: ids, times, attributes and events, nothing else."""
+
+    name: str
+    trace_id: int
+    span_id: int
+    parent_span_id: int
+    start_ns: int
+    sampled: bool
+    kind: SpanKind = SpanKind.INTERNAL
+    attributes: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, dict[str, Any], int]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def context(self) -> SpanContext:
+        return span_context(self.trace_id, self.span_id, self.sampled)
+
+    @property
+    def trace_id_hex(self) -> str:
+        return f"{self.trace_id:032x}"
+
+    @property
+    def span_id_hex(self) -> str:
+        return f"{self.span_id:016x}"
+
+    def as_current(self) -> NonRecordingSpan:
+        """A span to make current so that user spans become children of this one."""
+        return NonRecordingSpan(self.context)
+
+    def add_event(self, name: str, attributes: dict[str, Any], time_ns: int) -> None:
+        if self.sampled:
+            self.events.append((name, attributes, time_ns))
+
+    def record_exception(self, exc: BaseException, time_ns: int) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        self.add_event("exception", exception_attributes(exc), time_ns)
+
+
+class SpanSink:
+    """Hands finished :class:`SpanRecord` s to a provider's span processors."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self._processor = getattr(provider, "_active_span_processor", None)
+
+    def sample(self, trace_id: int, name: str, parent: SpanContext | None) -> bool:
+        """Whether a new run is recorded: the parent's decision, else the provider's sampler."""
+        if parent is not None:
+            return parent.trace_flags.sampled
+        try:
+            result = self.provider.sampler.should_sample(None, trace_id, name)
+            return bool(result.decision.is_sampled())  # type: ignore[no-untyped-call]
+        except Exception:
+            logger.exception("flowtrace: sampler failed; recording the run")
+            return True
+
+    def emit(self, record: SpanRecord, end_ns: int) -> None:
+        if not record.sampled or self._processor is None:
+            return
+        parent = (
+            span_context(record.trace_id, record.parent_span_id, True)
+            if record.parent_span_id else None
+        )
+        status = (
+            Status(StatusCode.ERROR, record.error) if record.error is not None
+            else Status(StatusCode.UNSET)
+        )
+        span = ReadableSpan(
+            name=record.name,
+            context=span_context(record.trace_id, record.span_id, True),
+            parent=parent,
+            resource=self.provider.resource,
+            attributes=record.attributes,
+            events=[SpanEvent(name, attrs, ts) for name, attrs, ts in record.events],
+            kind=record.kind,
+            status=status,
+            start_time=record.start_ns,
+            end_time=max(end_ns, record.start_ns),
+            instrumentation_scope=_SCOPE,
+        )
+        try:
+            self._processor.on_end(span)
+        except Exception:
+            logger.exception("flowtrace: span processor failed")

@@ -1,0 +1,9 @@
+"""Transports: how events travel from workers to the gateway."""
+
+from flowtrace.transport.memory import InMemoryTransport
+from flowtrace.transport.redis_pubsub import RedisPubSubTransport
+from flowtrace.transport.redis_stream import RedisStreamTransport
+
+from flowtrace.transport.base import Transport
+
+__all__ = ["InMemoryTransport", "RedisPubSubTransport", "RedisStreamTransport", "Transport"]
