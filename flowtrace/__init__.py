@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "instrument": "flowtrace.instrument",
+    "instrument": "flowtrace.instrumentation",
     "FlowtraceMiddleware": "flowtrace.middleware",
     "Pipeline": "flowtrace.pipeline",
     "HookManager": "flowtrace.hooks",
@@ -21,7 +21,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from flowtrace.hooks import EventFilter, HookManager
-    from flowtrace.instrument import instrument
+    from flowtrace.instrumentation import instrument
     from flowtrace.middleware import FlowtraceMiddleware
     from flowtrace.pipeline import Pipeline
 

@@ -1,0 +1,1 @@
+"""Worker applications that tests run as real ``taskiq worker`` subprocesses."""

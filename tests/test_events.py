@@ -1,0 +1,102 @@
+"""Events: JSON round trip, bounded previews, clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from flowtrace import events
+from flowtrace.events import (
+    EVENT_CLASSES,
+    InvalidEvent,
+    PipelineErrorEvent,
+    StepCompleteEvent,
+    parse_event,
+    preview,
+)
+
+
+def _sample(cls: type[events.BaseEvent]) -> events.BaseEvent:
+    extra = {
+        "StepStartEvent": {"step_name": "s", "queue_wait_ms": 1.5, "worker": "h:1"},
+        "StepProgressEvent": {"step_name": "s", "done": 1, "failed": 0, "total": 3},
+        "StepCompleteEvent": {"step_name": "s", "result": {"a": [1, 2]}, "duration_ms": 2.0},
+        "StepErrorEvent": {"step_name": "s", "error": "ValueError: x", "error_type": "ValueError",
+                           "will_retry": True},
+        "PipelineStartEvent": {"input": [1, "two"], "total_steps": 2, "steps": ["a", "b"]},
+        "PipelineCompleteEvent": {"result": None, "duration_ms": 3.0},
+        "PipelineErrorEvent": {"error": "boom", "status": "LOST", "error_type": "RunLost"},
+    }[cls.__name__]
+    return cls(pipeline_id="p1", pipeline_name="etl", pipeline_type="sequential",
+               trace_id="a" * 32, span_id="b" * 16, id="1-1", **extra)
+
+
+@pytest.mark.parametrize("cls", list(EVENT_CLASSES.values()), ids=list(EVENT_CLASSES))
+def test_every_event_round_trips_through_json(cls: type[events.BaseEvent]) -> None:
+    event = _sample(cls)
+    as_dict = event.model_dump(mode="json")
+    assert as_dict["type"] == cls.__name__
+    assert parse_event(as_dict) == event
+    assert parse_event(json.dumps(as_dict)) == event
+    assert parse_event(event.model_dump_json().encode()) == event
+
+
+def test_timestamps_are_aware_utc_iso8601() -> None:
+    naive = StepCompleteEvent(pipeline_id="p", step_name="s", timestamp=datetime(2026, 1, 1))
+    assert naive.timestamp.tzinfo is not None
+    text = naive.model_dump(mode="json")["timestamp"]
+    assert datetime.fromisoformat(text.replace("Z", "+00:00")).utcoffset() == timezone.utc.utcoffset(None)
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xfe", "not json", "[1, 2]", "42", {"no": "type"}, {"type": 7},
+])
+def test_parse_event_rejects_garbage_with_a_clear_error(garbage: object) -> None:
+    with pytest.raises(InvalidEvent):
+        parse_event(garbage)  # type: ignore[arg-type]
+
+
+def test_parse_event_names_an_unknown_type() -> None:
+    with pytest.raises(InvalidEvent, match="unknown event type 'TeleportEvent'"):
+        parse_event({"type": "TeleportEvent", "pipeline_id": "x"})
+
+
+def test_parse_event_reports_missing_fields() -> None:
+    with pytest.raises(InvalidEvent, match="StepErrorEvent"):
+        parse_event({"type": "StepErrorEvent", "pipeline_id": "x", "step_name": "s"})
+
+
+def test_preview_keeps_small_json_values_and_truncates_big_ones() -> None:
+    assert preview({"a": [1, 2, {"b": None}]}) == {"a": [1, 2, {"b": None}]}
+    assert preview((1, 2)) == [1, 2]
+    big = preview(list(range(100_000)), max_bytes=1024)
+    assert isinstance(big, str) and big.endswith(events.TRUNCATION_MARK)
+    assert len(big.encode()) <= 1024
+    assert preview("x", capture=False) is None
+
+
+def test_preview_of_non_json_value_is_a_string_and_never_raises() -> None:
+    class Weird:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr for you")
+
+    assert isinstance(preview(object()), str)
+    assert "unrepresentable" in preview(Weird())
+    assert isinstance(preview({"when": datetime.now()}), str)
+    assert preview(float("nan")) == "nan"
+
+
+def test_ten_megabyte_result_is_bounded() -> None:
+    result = {"blob": "x" * 10_000_000}
+    shown = preview(result, max_bytes=1024)
+    assert isinstance(shown, str) and len(shown.encode()) <= 1024
+    event = StepCompleteEvent(pipeline_id="p", step_name="s", result=shown)
+    assert len(event.model_dump_json()) < 4096
+
+
+def test_error_text_matches_the_spec_form() -> None:
+    assert events.error_text(ValueError("invalid input")) == "ValueError: invalid input"
+    assert events.error_text(KeyError()) == "KeyError"
+    assert PipelineErrorEvent(pipeline_id="p", error="x").status == "FAILED"
