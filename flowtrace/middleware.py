@@ -294,11 +294,12 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             await self.transport.flush()
             return True
         if index is None and next_step.fans_out and message.task_name == next_step.name:
-            fan_out = execution.next_fan_out
-            if fan_out is None:
+            started = execution.next_fan_out
+            if started is None:
                 await self._report_success(execution)
-                fan_out = await self._start_fan_out(execution, next_step)
+                started = await self._start_fan_out(execution, next_step)
                 await self.transport.flush()
+            fan_out = started
             labels[RUN_LABEL] = execution.run.encode()
             labels[STEP_LABEL] = StepContext(fan_out.index, fan_out.span_id, fan_out.started_ns,
                                              0, execution.items_kicked).encode()
@@ -380,16 +381,16 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 span.attributes["flowtrace.item.index"] = fan_out.item_index
             return span
         if execution.role is Role.WAITER and fan_out is not None:
-            span = self._step_span(run, execution.step_name, execution.step_index, 1,
+            waiter_span = self._step_span(run, execution.step_name, execution.step_index, 1,
                                    execution.task_id, fan_out.started_ns, fan_out.span_id)
-            if span is not None:  # its StepStartEvent was emitted by the kicking process
-                span.add_event("StepStartEvent", {
+            if waiter_span is not None:  # its StepStartEvent was emitted by the kicking process
+                waiter_span.add_event("StepStartEvent", {
                     "flowtrace.pipeline_id": run.pipeline_id,
                     "flowtrace.step_name": execution.step_name,
                     "flowtrace.step_index": execution.step_index,
                     "flowtrace.task_id": execution.task_id,
                 }, fan_out.started_ns)
-            return span
+            return waiter_span
         return self._step_span(run, execution.step_name, execution.step_index, execution.attempt,
                                execution.task_id, now, new_span_id())
 
@@ -516,10 +517,11 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             await self._end_run_completed(execution)
         elif not execution.next_kicked:
             reason = execution.abort_error
+            next_step = execution.next_step()
             await self._end_run_failed(
                 execution,
                 reason if reason is not None else RuntimeError("pipeline aborted"),
-                execution.next_step().name if execution.next_step() else execution.step_name,
+                next_step.name if next_step is not None else execution.step_name,
                 execution.step_index + 1,
             )
         execution.phase = Phase.DONE
@@ -663,9 +665,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     async def _result_not_stored(self, task_id: str, exc: Exception) -> None:
         execution = current_execution.get()
-        if execution is None or execution.task_id != task_id or execution.phase is not Phase.HANDOFF:
+        if execution is None or execution.task_id != task_id:
             return
-        if execution.role is Role.ITEM:
+        if execution.phase is not Phase.HANDOFF or execution.role is Role.ITEM:
             return
         try:
             await self._report_error(execution, exc, will_retry=False)

@@ -47,7 +47,8 @@ def test_timestamps_are_aware_utc_iso8601() -> None:
     naive = StepCompleteEvent(pipeline_id="p", step_name="s", timestamp=datetime(2026, 1, 1))
     assert naive.timestamp.tzinfo is not None
     text = naive.model_dump(mode="json")["timestamp"]
-    assert datetime.fromisoformat(text.replace("Z", "+00:00")).utcoffset() == timezone.utc.utcoffset(None)
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert parsed.utcoffset() == timezone.utc.utcoffset(None)
 
 
 @pytest.mark.parametrize("garbage", [

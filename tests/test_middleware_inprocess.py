@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -130,7 +131,8 @@ async def test_sequential_pipeline(env: tuple[InMemoryBroker, Collector]) -> Non
     ]
     check_common(events, kicked.task_id, "etl", "sequential")
     assert events[0].steps == ["extract", "total", "double"] and events[0].total_steps == 3
-    assert [e.step_name for e in events if e.type == "StepStartEvent"] == ["extract", "total", "double"]
+    names = [e.step_name for e in events if e.type == "StepStartEvent"]
+    assert names == ["extract", "total", "double"]
     assert events[2].result == [0, 1, 2, 3] and events[-1].result == 12
     step_task_ids = [e.task_id for e in events if e.type == "StepStartEvent"]
     assert len(set(step_task_ids)) == 3 and step_task_ids[-1] == kicked.task_id
@@ -172,8 +174,9 @@ async def test_map_and_filter_report_progress_to_the_total(
         complete_at = events.index(next(
             e for e in events if e.type == "StepCompleteEvent" and e.step_index == index))
         assert all(events.index(p) < complete_at for p in progress)
-        assert all(a.done <= b.done for a, b in zip(progress, progress[1:]))
-    assert next(e for e in events if e.type == "StepCompleteEvent" and e.step_index == 2).result == [4, 6, 8]
+        assert all(a.done <= b.done for a, b in itertools.pairwise(progress))
+    kept = next(e for e in events if e.type == "StepCompleteEvent" and e.step_index == 2)
+    assert kept.result == [4, 6, 8]
 
 
 async def test_progress_is_coalesced_for_thousands_of_items() -> None:

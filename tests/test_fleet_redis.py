@@ -1,0 +1,149 @@
+"""The event spine across real processes: taskiq-redis, 2 workers, a Redis stream."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+import flowtrace
+from flowtrace.transport.base import FROM_BEGINNING
+from tests.support.collect import check_common, shape
+from tests.support.fleet import StreamCollector, fleet_client
+from tests.support.processes import RedisServer, Workers, test_env, wait_for_log
+from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.fleet
+FLOWTRACE_ERROR = re.compile(r"\[flowtrace[\w.]*\]\[(ERROR|CRITICAL)")
+
+
+@pytest.fixture
+def events_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def workers(redis_server: RedisServer, events_redis: RedisServer) -> Iterator[Workers]:
+    group = Workers("tests.fleet_app.spine_worker:broker",
+                    test_env(TEST_REDIS_URL=redis_server.url,
+                             FLOWTRACE_REDIS_URL=events_redis.url),
+                    workers=2, extra_args=["--max-async-tasks", "3"])
+    wait_for_log(group, "Listening started", count=2)
+    yield group
+    group.stop()
+    assert not FLOWTRACE_ERROR.search(group.output()), group.output()
+
+
+@pytest.fixture
+async def fleet(redis_server: RedisServer, events_redis: RedisServer,
+                workers: Workers) -> AsyncIterator[tuple[Any, StreamCollector]]:
+    collector = StreamCollector(events_redis.url)
+    await collector.start()
+    async with fleet_client(redis_server.url, events_redis.url) as app:
+        yield app, collector
+    await collector.stop()
+
+
+async def test_pipeline_with_map_and_filter_across_two_worker_processes(
+        fleet: tuple[Any, StreamCollector]) -> None:
+    app, collector = fleet
+    pipeline = flowtrace.Pipeline(app.broker, app.extract, name="fleet-etl").map(
+        app.where, check_interval=0.05).filter(app.is_big, check_interval=0.05).call_next(
+        app.total)
+    kicked = await pipeline.kiq(10)
+    result = await kicked.wait_result(timeout=60)
+    assert not result.is_err, result.error
+    events = await collector.wait_terminal(kicked.task_id)
+    check_common(events, kicked.task_id, "fleet-etl", "sequential")
+    assert [s for s in shape(events) if s[0] != "StepProgressEvent"] == [
+        ("PipelineStartEvent", None),
+        *[pair for i in range(4) for pair in (("StepStartEvent", i), ("StepCompleteEvent", i))],
+        ("PipelineCompleteEvent", None),
+    ]
+    map_done = next(e for e in events if e.type == "StepCompleteEvent" and e.step_index == 1)
+    assert len(map_done.result) == 10
+    assert len(set(map_done.result)) == 2, "map items should run in both worker processes"
+    for index in (1, 2):
+        progress = [e for e in events if e.type == "StepProgressEvent" and e.step_index == index]
+        assert progress, f"no progress for step {index}"
+        assert (progress[-1].done, progress[-1].failed, progress[-1].total) == (10, 0, 10)
+    starts = [e for e in events if e.type == "StepStartEvent"]
+    assert [s.step_name for s in starts] == ["extract", "where", "is_big", "total"]
+    assert all(s.worker and s.attempt == 1 for s in starts)
+    assert [s.queue_wait_ms is None for s in starts] == [False, True, True, False]
+    assert all(e.id is not None for e in events)
+    assert all(e.trace_id is None for e in events)  # no OTEL_* configured: tracing is off
+    assert events[0].input == 10 and events[-1].result == sum(map_done.result)
+    assert all(e.duration_ms > 0 for e in events if e.type == "StepCompleteEvent")
+
+
+async def test_failing_retried_and_unstorable_runs_across_processes(
+        fleet: tuple[Any, StreamCollector]) -> None:
+    app, collector = fleet
+    failing = await flowtrace.Pipeline(app.broker, app.extract, name="bad").call_next(
+        app.explode).call_next(app.total).kiq(2)
+    retried = await flowtrace.Pipeline(app.broker, app.extract, name="retry").call_next(
+        app.flaky).kiq(2)
+    unstorable = await app.unstorable.kiq(1)
+    plain = await app.double.kiq(4)
+
+    events = await collector.wait_terminal(failing.task_id)
+    check_common(events, failing.task_id, "bad", "sequential")
+    assert shape(events)[-3:] == [("StepStartEvent", 1), ("StepErrorEvent", 1),
+                                  ("PipelineErrorEvent", None)]
+    assert events[-1].error == "ValueError: invalid input"
+
+    events = await collector.wait_terminal(retried.task_id)
+    check_common(events, retried.task_id, "retry", "sequential")
+    assert shape(events) == [
+        ("PipelineStartEvent", None), ("StepStartEvent", 0), ("StepCompleteEvent", 0),
+        ("StepStartEvent", 1), ("StepErrorEvent", 1), ("StepStartEvent", 1),
+        ("StepCompleteEvent", 1), ("PipelineCompleteEvent", None),
+    ]
+    assert events[4].will_retry is True and events[5].attempt == 2
+
+    events = await collector.wait_terminal(unstorable.task_id)
+    check_common(events, unstorable.task_id, "unstorable", "task")
+    assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
+                             ("StepErrorEvent", 0), ("PipelineErrorEvent", None)]
+    assert events[-1].status == "FAILED" and events[2].will_retry is False
+
+    events = await collector.wait_terminal(plain.task_id)
+    check_common(events, plain.task_id, "double", "task")
+    assert events[-1].result == 8
+
+
+async def test_events_redis_down_mid_run_never_breaks_tasks(
+        redis_server: RedisServer, events_redis: RedisServer, workers: Workers) -> None:
+    async with fleet_client(redis_server.url, events_redis.url) as app:
+        first = await app.slow.kiq(0.5)
+        events_redis.stop()
+        # Runs keep completing while the events Redis is gone (kicker and workers buffer).
+        during = [await app.double.kiq(i) for i in range(5)]
+        assert (await first.wait_result(timeout=30)).return_value == 0.5
+        for i, kicked in enumerate(during):
+            assert (await kicked.wait_result(timeout=30)).return_value == 2 * i
+        events_redis.start()
+        after = await app.double.kiq(100)
+        assert (await after.wait_result(timeout=30)).return_value == 200
+        collector = StreamCollector(events_redis.url)
+
+        async def terminals() -> set[str]:
+            seen = [e async for e in collector.transport.replay(FROM_BEGINNING)]
+            return {e.pipeline_id for e in seen if e.type in ("PipelineCompleteEvent",)}
+
+        ids = {k.task_id for k in [*during, after]}
+        await async_wait_until(lambda: _contains(terminals(), ids), timeout=60,
+                               message="buffered events published after Redis returned")
+        await collector.stop()
+    assert not FLOWTRACE_ERROR.search(workers.output()), "flowtrace logged an error in a worker"
+    assert "lost Redis" in workers.output() and "reconnected" in workers.output()
+
+
+async def _contains(found: Any, wanted: set[str]) -> bool:
+    return wanted <= await found
