@@ -1,0 +1,190 @@
+"""``flowtrace serve`` (the gateway for many workers) and ``flowtrace demo``.
+
+Both run uvicorn programmatically through :class:`GracefulServer`: on SIGTERM or
+SIGINT it first closes every WebSocket client with 1001 ("going away") and only
+then lets uvicorn shut down — uvicorn itself would close them with 1012 before the
+app's lifespan shutdown runs. A second signal falls back to uvicorn's behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+logger = logging.getLogger("flowtrace.cli")
+
+CLOSE_TIMEOUT = 10.0
+"""Longest wait for WebSocket clients to be closed before the server stops anyway."""
+
+
+class GracefulServer(uvicorn.Server):
+    """``uvicorn.Server`` whose first exit signal runs ``before_exit`` before stopping.
+
+    After a graceful stop the process exits normally (status 0) instead of
+    re-raising the signal as plain uvicorn does.
+    """
+
+    def __init__(self, config: uvicorn.Config,
+                 before_exit: Callable[[], Awaitable[None]] | None = None,
+                 on_started: Callable[[int], None] | None = None) -> None:
+        super().__init__(config)
+        self._before_exit = before_exit
+        self._on_started = on_started
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._exit_requested = False
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+        if self.started and self._on_started is not None:
+            self._on_started(self.bound_port)
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually listened on (useful with ``port=0``)."""
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets or ():
+                return int(sock.getsockname()[1])
+        return int(self.config.port)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler (main thread, between bytecodes): hand over to the loop."""
+        loop = self._loop
+        if self._exit_requested or loop is None or not self.started or self.should_exit:
+            super().handle_exit(sig, frame)  # second signal, or not serving yet
+            return
+        self._exit_requested = True
+        loop.call_soon_threadsafe(self._begin_exit)
+
+    def _begin_exit(self) -> None:
+        self._closing = asyncio.get_running_loop().create_task(
+            self._close_then_exit(), name="flowtrace-graceful-exit")
+
+    async def _close_then_exit(self) -> None:
+        try:
+            if self._before_exit is not None:
+                await asyncio.wait_for(self._before_exit(), CLOSE_TIMEOUT)
+        except Exception:
+            logger.exception("flowtrace: closing WebSocket clients failed; stopping anyway")
+        finally:
+            self.should_exit = True
+
+
+async def serve_app(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
+                    log_level: str = "info", banner: str = "flowtrace gateway") -> None:
+    """Serve a ``create_app`` app until SIGINT/SIGTERM, closing WebSocket clients with 1001."""
+    from flowtrace.app import close_clients
+
+    manager = getattr(app.state, "flowtrace_manager", None)
+
+    async def before_exit() -> None:
+        if manager is not None:
+            await close_clients(manager)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=int(CLOSE_TIMEOUT))
+    server = GracefulServer(config, before_exit=before_exit,
+                            on_started=lambda bound: print_urls(banner, host, bound))
+    await server.serve()
+
+
+def run_app(app: Any, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """Blocking form of :func:`serve_app`."""
+    asyncio.run(serve_app(app, host, port, **kwargs))
+
+
+def print_urls(banner: str, host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
+    print(f"{banner} running on {base}\n"
+          f"  live page   {base}/\n"
+          f"  runs        {base}/api/pipelines\n"
+          f"  metrics     {base}/metrics\n"
+          f"  websocket   ws://{shown}:{port}/ws/*  (or /ws/<pipeline_id>)", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowtrace", description="Observability for taskiq pipelines.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway for workers publishing to Redis")
+    serve.add_argument("--redis-url", default=os.environ.get("FLOWTRACE_REDIS_URL"),
+                       help="Redis holding the event stream (env FLOWTRACE_REDIS_URL)")
+    serve.add_argument("--stream", default="flowtrace:events",
+                       help="Redis stream name (default %(default)s)")
+    _add_bind(serve)
+    serve.add_argument("--max-connections", type=int,
+                       default=os.environ.get("FLOWTRACE_MAX_CONNECTIONS", "1000"),
+                       help="WebSocket connection limit (env FLOWTRACE_MAX_CONNECTIONS)")
+    serve.add_argument("--token", default=os.environ.get("FLOWTRACE_TOKEN") or None,
+                       help="token required on /ws/* and /api/* (env FLOWTRACE_TOKEN)")
+    serve.add_argument("--allowed-origin", dest="allowed_origins", action="extend", nargs="+",
+                       metavar="ORIGIN", default=None,
+                       help="Origin allowed to open WebSockets (repeatable; default: any)")
+    serve.add_argument("--stale-after", type=float,
+                       default=os.environ.get("FLOWTRACE_STALE_AFTER", "3600"),
+                       help="seconds without events before a run is declared LOST "
+                            "(env FLOWTRACE_STALE_AFTER)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(handler=_serve, command_parser=serve)
+
+    demo = commands.add_parser("demo", help="everything in one process, with example pipelines")
+    _add_bind(demo)
+    demo.set_defaults(handler=_demo, command_parser=demo)
+    return parser
+
+
+def _add_bind(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.handler
+    return handler(args, args.command_parser)
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.redis_url:
+        parser.error("serve needs a Redis URL: pass --redis-url URL or set FLOWTRACE_REDIS_URL")
+    if args.max_connections < 1 or args.stale_after <= 0:
+        parser.error("--max-connections and --stale-after must be positive")
+    asyncio.run(_serve_redis(args))
+    return 0
+
+
+async def _serve_redis(args: argparse.Namespace) -> None:
+    from flowtrace.app import create_app
+    from flowtrace.transport.redis_stream import RedisStreamTransport
+
+    transport = RedisStreamTransport(args.redis_url, args.stream)
+    try:
+        app = create_app(transport, max_connections=args.max_connections, token=args.token,
+                         allowed_origins=args.allowed_origins, stale_after=args.stale_after)
+        await serve_app(app, args.host, args.port, log_level=args.log_level)
+    finally:
+        await transport.close()
+
+
+def _demo(args: argparse.Namespace, _: argparse.ArgumentParser) -> int:
+    demo = importlib.import_module("flowtrace.demo")  # heavy (taskiq, pipelines): only here
+    demo.run_demo(args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
