@@ -91,6 +91,20 @@ async def test_failing_retried_and_unstorable_runs_across_processes(
         app.flaky).kiq(2)
     unstorable = await app.unstorable.kiq(1)
     plain = await app.double.kiq(4)
+    aborted = await flowtrace.Pipeline(app.broker, app.double, name="abort").map(
+        app.double).kiq(1)
+    after = await flowtrace.Pipeline(app.broker, app.extract, name="after").call_after(
+        app.double, x=5).kiq(3)
+
+    events = await collector.wait_terminal(aborted.task_id)
+    check_common(events, aborted.task_id, "abort", "sequential")
+    assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
+                             ("StepCompleteEvent", 0), ("PipelineErrorEvent", None)]
+    assert events[-1].error_type == "AbortPipeline" and "not iterable" in events[-1].error
+
+    events = await collector.wait_terminal(after.task_id)
+    check_common(events, after.task_id, "after", "sequential")
+    assert events[-1].type == "PipelineCompleteEvent" and events[-1].result == 10
 
     events = await collector.wait_terminal(failing.task_id)
     check_common(events, failing.task_id, "bad", "sequential")
