@@ -75,6 +75,9 @@ def test_env(**extra: str) -> dict[str, str]:
     return env
 
 
+test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 class Workers:
     """``taskiq worker module:broker --workers N`` as a real subprocess group."""
 
