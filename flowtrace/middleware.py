@@ -10,6 +10,8 @@ capturing the exception before a retry middleware re-kicks the task).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -56,7 +58,14 @@ from flowtrace.pipeline_data import (
 )
 from flowtrace.progress import ProgressMonitor, counter_key
 from flowtrace.tracing.setup import configure_tracing, flush_tracing
-from flowtrace.tracing.spans import SpanRecord, SpanSink, current_parent, new_span_id, new_trace_id
+from flowtrace.tracing.spans import (
+    SpanRecord,
+    SpanSink,
+    current_parent,
+    derived_trace_ids,
+    new_span_id,
+    new_trace_id,
+)
 from flowtrace.transport.base import Transport
 from flowtrace.transport.memory import InMemoryTransport
 
@@ -207,14 +216,19 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self.ensure_placement()
 
     async def shutdown(self) -> None:
-        """Deliver what is queued: hooks, transport, and every finished span."""
-        import asyncio
+        """Deliver what is queued: every finished span, hooks and the transport, at once.
 
+        All three share taskiq's shutdown timeout, so a slow hook must not starve the
+        span flush: they run concurrently.
+        """
+        waits: list[Awaitable[object]] = [self.transport.close()]
         if self.hooks is not None:
-            await self.hooks.close()
-        await self.transport.close()
+            waits.append(self.hooks.close())
         if self._sink is not None:
-            await asyncio.to_thread(flush_tracing, self._sink.provider)
+            waits.append(asyncio.to_thread(flush_tracing, self._sink.provider, 4_000))
+        for outcome in await asyncio.gather(*waits, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                logger.error("flowtrace: shutdown step failed: %r", outcome)
 
     # Sending ---------------------------------------------------------------
 
@@ -262,14 +276,22 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         return RunContext(run_id, name, kind, started_ns, trace_id, new_span_id(),
                           parent.span_id if parent is not None else 0, sampled)
 
+    def _adopt_run(self, run: RunContext) -> RunContext:
+        """Trace a run whose kicker did not: every tracing worker derives the same ids."""
+        assert self.sink is not None
+        trace_id, root_span_id = derived_trace_ids(run.pipeline_id)
+        sampled = self.sink.sample(trace_id, f"pipeline {run.name}", None)
+        return dataclasses.replace(run, trace_id=trace_id, root_span_id=root_span_id,
+                                   sampled=sampled)
+
     async def _emit_pipeline_start(self, run: RunContext, message: TaskiqMessage,
                                    steps: list[StepInfo] | None) -> None:
         names = [s.name for s in steps] if steps else [message.task_name]
         event = PipelineStartEvent(
             pipeline_id=run.pipeline_id, pipeline_name=run.name,
             pipeline_type=run.type,  # type: ignore[arg-type]
-            trace_id=f"{run.trace_id:032x}" if run.trace_id else None,
-            span_id=f"{run.root_span_id:016x}" if run.trace_id else None,
+            trace_id=f"{run.trace_id:032x}" if run.sampled else None,
+            span_id=f"{run.root_span_id:016x}" if run.sampled else None,
             input=self.emitter.payload(_call_input(message.args, message.kwargs)),
             total_steps=len(names), steps=names,
         )
@@ -336,6 +358,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         started_here = run is None
         if run is None:
             run = self._new_run(message, steps, now_wall)
+            labels[RUN_LABEL] = run.encode()
+        elif not run.trace_id and self.sink is not None:
+            run = self._adopt_run(run)  # kicked by a process that does not trace
             labels[RUN_LABEL] = run.encode()
         step_index = fan_out.index if fan_out is not None else (index or 0)
         step_name = (
@@ -430,12 +455,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     @staticmethod
     def _common(run: RunContext, span: SpanRecord | None) -> dict[str, Any]:
+        traced = span is not None and span.sampled  # an unsampled run has no trace to link
         return {
             "pipeline_id": run.pipeline_id,
             "pipeline_name": run.name,
             "pipeline_type": run.type,
-            "trace_id": span.trace_id_hex if span is not None else None,
-            "span_id": span.span_id_hex if span is not None else None,
+            "trace_id": span.trace_id_hex if traced and span is not None else None,
+            "span_id": span.span_id_hex if traced and span is not None else None,
         }
 
     async def _emit_step_start(self, execution: Execution, labels: dict[str, Any],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -72,11 +73,30 @@ def configure_tracing(service_name: str | None = None) -> TracerProvider | None:
     return provider
 
 
-def flush_tracing(provider: TracerProvider | None, timeout_ms: int = 10_000) -> None:
-    """Export every finished span now (worker shutdown): blocking, call off the loop."""
+def flush_tracing(provider: TracerProvider | None, timeout_ms: int = 10_000) -> bool:
+    """Export every finished span now (worker shutdown), waiting at most ``timeout_ms``.
+
+    Blocking: call it off the event loop. The SDK's ``force_flush`` ignores its timeout
+    (it exports in the calling thread for as long as the exporter keeps retrying, up to
+    ``OTEL_EXPORTER_OTLP_TIMEOUT``), so it runs in a daemon thread that this call stops
+    waiting for after ``timeout_ms``, and that an exiting process does not wait for:
+    an unreachable collector cannot hold a worker's shutdown longer than that.
+    True when everything was handed to the exporter in time.
+    """
     if provider is None:
-        return
-    try:
-        provider.force_flush(timeout_ms)
-    except Exception:
-        logger.exception("flowtrace: flushing spans failed")
+        return True
+    done = threading.Event()
+
+    def flush() -> None:
+        try:
+            provider.force_flush(timeout_ms)
+        except Exception:
+            logger.exception("flowtrace: flushing spans failed")
+        finally:
+            done.set()
+
+    threading.Thread(target=flush, name="flowtrace-span-flush", daemon=True).start()
+    if done.wait(timeout_ms / 1000):
+        return True
+    logger.warning("flowtrace: spans not exported within %d ms; giving up", timeout_ms)
+    return False

@@ -11,6 +11,7 @@ SDK's span machinery runs on the task's path.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import traceback
@@ -40,6 +41,18 @@ def new_trace_id() -> int:
 
 def new_span_id() -> int:
     return _random.getrandbits(64) or 1
+
+
+def derived_trace_ids(pipeline_id: str) -> tuple[int, int]:
+    """A run's trace id and root span id, derived from its pipeline id alone.
+
+    For a run kicked by a process that does not trace (no ids in its labels): every
+    process of the run that does trace derives the same ids, so the run is still one
+    trace with one root, whichever worker runs which step. Samplers that decide by
+    trace id (always on/off, ratio, parent based) decide alike in every process too.
+    """
+    digest = hashlib.sha256(f"flowtrace-run:{pipeline_id}".encode()).digest()
+    return int.from_bytes(digest[:16], "big") or 1, int.from_bytes(digest[16:24], "big") or 1
 
 
 def span_context(trace_id: int, span_id: int, sampled: bool) -> SpanContext:

@@ -1,0 +1,295 @@
+"""``/ws/{pipeline_id}``: handshake checks, then one session per connection.
+
+Order on connect (SPEC §6): Origin before accept (a close before accept is an
+HTTP 403), then the token (accepted, then closed 1008, so that browsers see a
+close code), then the connection limit (accepted, then closed 1013).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from flowtrace.events import BaseEvent
+from flowtrace.websocket.manager import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    FastAPIWebSocketManager,
+    WebSocketClient,
+    get_fastapi_ws_manager,
+    normalize_origin,
+)
+from flowtrace.websocket.protocol import (
+    ALL,
+    PONG_MESSAGE,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    error_message,
+    parse_client_frame,
+    parse_event_types,
+    parse_since,
+    snapshot_message,
+    subscribed_message,
+    unsubscribed_message,
+    validate_pipeline_id,
+)
+
+logger = logging.getLogger("flowtrace.websocket")
+
+BEARER_SUBPROTOCOL = "bearer"
+
+
+def manager_for(connection: HTTPConnection) -> FastAPIWebSocketManager:
+    """The app's manager (``app.state.flowtrace_manager``), else the process default."""
+    try:
+        app = connection.app
+    except KeyError:  # a bare ASGI scope without "app"
+        return get_fastapi_ws_manager()
+    manager = getattr(getattr(app, "state", None), "flowtrace_manager", None)
+    if isinstance(manager, FastAPIWebSocketManager):
+        return manager
+    return get_fastapi_ws_manager()
+
+
+def origin_allowed(websocket: WebSocket, allowed: frozenset[str] | None) -> bool:
+    """No list, a ``*`` entry or no Origin header (not a browser) pass; else it must match."""
+    if allowed is None or "*" in allowed:
+        return True
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    return normalize_origin(origin) in allowed
+
+
+def token_matches(supplied: str | None, expected: str) -> bool:
+    if supplied is None:
+        return False
+    return hmac.compare_digest(supplied.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _subprotocol_token(subprotocols: list[str]) -> str | None:
+    """``Sec-WebSocket-Protocol: bearer, <token>`` → ``<token>``."""
+    for index, name in enumerate(subprotocols[:-1]):
+        if name == BEARER_SUBPROTOCOL:
+            return subprotocols[index + 1]
+    return None
+
+
+async def fastapi_websocket_endpoint(websocket: WebSocket, pipeline_id: str,
+                                     manager: FastAPIWebSocketManager | None = None) -> None:
+    """Serve one WebSocket connection subscribed to ``pipeline_id`` (``"*"`` = all runs)."""
+    if manager is None:
+        manager = manager_for(websocket)
+
+    if not origin_allowed(websocket, manager.allowed_origins):
+        manager.count_rejected("origin")
+        await websocket.close(code=CLOSE_POLICY_VIOLATION)  # before accept: HTTP 403
+        return
+
+    subprotocols = [str(p) for p in websocket.scope.get("subprotocols") or ()]
+    subprotocol = BEARER_SUBPROTOCOL if BEARER_SUBPROTOCOL in subprotocols else None
+    if manager.token is not None:
+        supplied = websocket.query_params.get("token") or _subprotocol_token(subprotocols)
+        if not token_matches(supplied, manager.token):
+            manager.count_rejected("auth")
+            await _accept_and_close(websocket, subprotocol, CLOSE_POLICY_VIOLATION,
+                                    "unauthorized")
+            return
+
+    client = manager.register(websocket)
+    if client is None:
+        manager.count_rejected("limit")
+        await _accept_and_close(websocket, subprotocol, CLOSE_TRY_AGAIN_LATER,
+                                "too many connections")
+        return
+    try:
+        await websocket.accept(subprotocol=subprotocol)
+    except BaseException:
+        manager.unregister(client)
+        client.finished.set()
+        raise
+    await _Session(manager, client).run(pipeline_id)
+
+
+async def _accept_and_close(websocket: WebSocket, subprotocol: str | None, code: int,
+                            reason: str) -> None:
+    with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
+        await websocket.accept(subprotocol=subprotocol)
+        await websocket.close(code=code, reason=reason)
+
+
+class _Session:
+    """One accepted connection: a reader task (this module) and a writer task (manager)."""
+
+    def __init__(self, manager: FastAPIWebSocketManager, client: WebSocketClient) -> None:
+        self.manager = manager
+        self.client = client
+        self.websocket = client.websocket
+
+    async def run(self, pipeline_id: str) -> None:
+        manager, client = self.manager, self.client
+        writer = manager.start_writer(client)
+        reader = asyncio.create_task(self._read(pipeline_id), name="flowtrace-ws-reader")
+        client.reader = reader
+        try:
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                # The peer left, or the reader asked for a close: let the writer send it.
+                failed = not reader.cancelled() and reader.exception() is not None
+                manager.request_close(client, CLOSE_INTERNAL_ERROR if failed else CLOSE_NORMAL)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(writer), manager.close_timeout)
+        finally:
+            manager.unregister(client)
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+            for task in (reader, writer):
+                if not task.cancelled() and task.exception() is not None:
+                    logger.error("WebSocket %s task failed", task.get_name(),
+                                 exc_info=task.exception())
+            client.finished.set()
+
+    # ------------------------------------------------------------------ reading
+    async def _read(self, pipeline_id: str) -> None:
+        """Subscribe to the path's channel, then answer client frames until the end."""
+        await self._subscribe_from_query(pipeline_id)
+        websocket, manager, client = self.websocket, self.manager, self.client
+        limit = manager.max_message_bytes
+        while not client.closing:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is not None:
+                if _too_big(text, limit):
+                    manager.request_close(client, CLOSE_MESSAGE_TOO_BIG, "message too big")
+                    return
+                try:
+                    parsed = parse_client_frame(text)
+                except ProtocolError as exc:
+                    self._bad_frame(exc)
+                    continue
+                if isinstance(parsed, Ping):
+                    manager.send_nowait(client, PONG_MESSAGE)
+                elif isinstance(parsed, Unsubscribe):
+                    manager.unsubscribe(client, parsed.pipeline_id)
+                    manager.send_nowait(client, unsubscribed_message(parsed.pipeline_id))
+                else:
+                    await self._subscribe(parsed)
+                continue
+            data = message.get("bytes")
+            if data is not None and len(data) > limit:
+                manager.request_close(client, CLOSE_MESSAGE_TOO_BIG, "message too big")
+                return
+            self._bad_frame(ProtocolError("invalid_message", "binary frames are not supported; "
+                                                             "send JSON text frames"))
+
+    def _bad_frame(self, error: ProtocolError) -> None:
+        client = self.client
+        client.bad_frames += 1
+        self.manager.send_nowait(client, error.to_message())
+        if client.bad_frames >= self.manager.max_bad_frames:
+            self.manager.request_close(client, CLOSE_POLICY_VIOLATION, "too many bad frames")
+
+    async def _subscribe_from_query(self, pipeline_id: str) -> None:
+        params = self.websocket.query_params
+        try:
+            request = Subscribe(
+                pipeline_id=validate_pipeline_id(pipeline_id),
+                event_types=parse_event_types(params.get("event_types")),
+                since=parse_since(params.get("since") or None),
+            )
+        except ProtocolError as exc:
+            # Not a frame: reported, not counted; the client may still subscribe by message.
+            self.manager.send_nowait(self.client, exc.to_message())
+            return
+        await self._subscribe(request)
+
+    async def _subscribe(self, request: Subscribe) -> None:
+        """``subscribed``, a ``snapshot`` when the run is known, the replay, then live."""
+        manager, client = self.manager, self.client
+        channel = request.pipeline_id
+        if channel not in client.subscriptions and \
+                len(client.subscriptions) >= manager.max_subscriptions:
+            manager.send_nowait(client, error_message(
+                "too_many_subscriptions",
+                f"at most {manager.max_subscriptions} subscriptions per connection"))
+            return
+        manager.send_nowait(client, subscribed_message(channel, request.event_types,
+                                                       request.since))
+        if channel != ALL and manager.store is not None:
+            state = manager.store.get(channel)
+            if state is not None:
+                manager.send_nowait(client, snapshot_message(state.model_dump(mode="json")))
+        # No await since the snapshot: the live subscription starts exactly after it.
+        if request.since is None:
+            manager.subscribe(client, channel, request.event_types)
+            return
+        sub = manager.subscribe(client, channel, request.event_types, resuming=True)
+        last_replayed: str | None = None
+        try:
+            last_replayed = await self._replay(request)
+        finally:
+            manager.finish_resume(client, sub, last_replayed)
+
+    async def _replay(self, request: Subscribe) -> str | None:
+        """Send retained events after ``since``; the id of the last event read, if any."""
+        manager, client = self.manager, self.client
+        since = request.since
+        assert since is not None
+        transport = manager.transport
+        if transport is None:
+            manager.send_nowait(client, error_message(
+                "history_truncated", "this server keeps no event history; live events only"))
+            return None
+        try:
+            truncated = await transport.is_history_truncated(since)
+        except Exception:  # a transport that cannot tell: say so rather than promise
+            logger.warning("is_history_truncated failed", exc_info=True)
+            truncated = True
+        if truncated:
+            manager.send_nowait(client, error_message(
+                "history_truncated",
+                f"events after {since} are no longer all retained; replaying what is kept"))
+        channel, types = request.pipeline_id, request.event_types
+        last: str | None = None
+        try:
+            async for event in transport.replay(since):
+                last = event.id
+                if not _matches(event, channel, types):
+                    continue
+                if not await manager.send_when_ready(client, event.model_dump_json()):
+                    break
+        except Exception:
+            logger.warning("replay from %s failed", since, exc_info=True)
+        return last
+
+
+def _matches(event: BaseEvent, channel: str, types: frozenset[str] | None) -> bool:
+    if channel not in (ALL, event.pipeline_id):
+        return False
+    return types is None or str(getattr(event, "type", "")) in types
+
+
+def _too_big(text: str, limit: int) -> bool:
+    """UTF-8 size above ``limit``, without encoding when the length alone decides."""
+    if len(text) > limit:
+        return True
+    if len(text) * 4 <= limit:
+        return False
+    return len(text.encode("utf-8")) > limit
+
+
+__all__ = ["BEARER_SUBPROTOCOL", "fastapi_websocket_endpoint", "manager_for", "origin_allowed",
+           "token_matches"]

@@ -1,0 +1,125 @@
+"""A real taskiq-redis fleet for the tracing tests (``tests/test_tracing.py``).
+
+Workers run it as ``taskiq worker tests.fleet_app.tracing_worker:broker``, configured
+only by the environment: ``TEST_REDIS_URL`` for the broker, results and flowtrace's
+event stream, and the standard ``OTEL_*`` variables for trace export. The test process
+imports the same module to kick the pipelines (see :func:`make_broker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+
+from opentelemetry import trace
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from taskiq import AsyncBroker, Context, SimpleRetryMiddleware, TaskiqDepends
+from taskiq_pipelines import PipelineMiddleware
+from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+
+import flowtrace
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+QUEUE = os.environ.get("TEST_QUEUE", "flowtrace-tracing")
+RESULT_TTL_S = 600
+logger = logging.getLogger(__name__)
+
+CONNECTION_KWARGS: dict[str, Any] = {"socket_keepalive": True}
+BRPOP_TIMEOUT_S = 1
+
+
+class FleetBroker(ListQueueBroker):
+    """taskiq-redis' ``ListQueueBroker`` whose idle workers neither die nor ignore SIGTERM.
+
+    ``ListQueueBroker.listen()`` blocks in ``BRPOP`` with no server-side timeout and
+    survives only the builtin ``ConnectionError``. With redis-py 8's default
+    ``socket_timeout`` of 5 s, redis' ``TimeoutError`` ends every worker idle for 5 s.
+    ``socket_timeout=None`` keeps it alive but then an idle worker's event loop sleeps in
+    ``select()`` with nothing scheduled, and taskiq's SIGTERM handler (a plain
+    ``signal.signal`` handler setting an ``asyncio.Event``) does not wake it: the worker
+    hangs on shutdown. A server-side ``BRPOP`` timeout well under the socket timeout
+    fixes both: Redis answers nil every second, no read ever times out on the client,
+    and the loop wakes often enough to notice a shutdown.
+    """
+
+    async def listen(self) -> AsyncGenerator[bytes, None]:
+        while True:
+            try:
+                async with Redis(connection_pool=self.connection_pool) as connection:
+                    popped = await connection.brpop([self.queue_name],
+                                                    timeout=BRPOP_TIMEOUT_S)
+            except RedisError as exc:
+                logger.warning("fleet broker: Redis unavailable (%r); retrying", exc)
+                await asyncio.sleep(BRPOP_TIMEOUT_S)
+                continue
+            if popped is not None:
+                yield popped[1]
+
+
+def make_broker(redis_url: str = REDIS_URL, *, queue: str = QUEUE) -> AsyncBroker:
+    """The fleet's broker, result backend and pipeline/retry middlewares, no flowtrace."""
+    backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
+        redis_url, result_ex_time=RESULT_TTL_S, **CONNECTION_KWARGS,
+    )
+    new_broker = FleetBroker(redis_url, queue_name=queue, **CONNECTION_KWARGS)
+    new_broker = new_broker.with_result_backend(backend)
+    new_broker.add_middlewares(PipelineMiddleware(), SimpleRetryMiddleware(default_retry_count=3))
+    register_tasks(new_broker)
+    return new_broker
+
+
+def register_tasks(target: AsyncBroker) -> None:
+    """Register the test tasks on ``target`` (a worker's and a kicker's broker alike)."""
+
+    @target.task(task_name="tracing.produce")
+    async def produce(count: int) -> list[int]:
+        return list(range(count))
+
+    @target.task(task_name="tracing.square")
+    async def square(value: int) -> int:
+        return value * value
+
+    @target.task(task_name="tracing.is_even")
+    async def is_even(value: int) -> bool:
+        return value % 2 == 0
+
+    @target.task(task_name="tracing.explode")
+    async def explode(values: list[int]) -> list[int]:
+        raise ValueError(f"invalid input: {len(values)} values")
+
+    @target.task(task_name="tracing.flaky", retry_on_error=True, max_retries=3)
+    async def flaky(values: list[int], context: Annotated[Context, TaskiqDepends()]) -> int:
+        # SimpleRetryMiddleware re-kicks a failed attempt with ``_retries`` = attempts so far.
+        if int(context.message.labels.get("_retries", 0) or 0) == 0:
+            raise RuntimeError("first attempt fails")
+        return sum(values)
+
+    @target.task(task_name="tracing.with_user_span")
+    async def with_user_span(values: list[int]) -> int:
+        tracer = trace.get_tracer("tests.fleet_app")
+        with tracer.start_as_current_span("user-span") as span:
+            span.set_attribute("test.values", len(values))
+            return len(values)
+
+
+_worker_broker: AsyncBroker | None = None
+
+
+def worker_broker() -> AsyncBroker:
+    """The instrumented broker workers run: built on first use, so importing has no effects."""
+    global _worker_broker
+    if _worker_broker is None:
+        _worker_broker = make_broker()
+        flowtrace.instrument(_worker_broker, redis_url=REDIS_URL)
+    return _worker_broker
+
+
+def __getattr__(name: str) -> Any:
+    # ``taskiq worker tests.fleet_app.tracing_worker:broker`` resolves ``broker`` here.
+    if name == "broker":
+        return worker_broker()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
