@@ -1,0 +1,248 @@
+"""What both Redis transports share: the buffered background sender and small helpers.
+
+``publish`` must never wait on the network, so it only appends an operation (a
+tuple of Redis commands) to a bounded local buffer; one background task ships
+the buffer in MULTI/EXEC batches, in order. While Redis is unreachable the task
+keeps the buffer (dropping the oldest operations beyond ``buffer_size``),
+retries with exponential backoff and logs once per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from flowtrace.events import Event, InvalidEvent, parse_event
+
+log = logging.getLogger("flowtrace.transport")
+
+Arg = str | bytes | int | float
+Command = tuple[Arg, ...]
+Op = tuple[Command, ...]
+"""Commands that belong together (e.g. HINCRBY + EXPIRE); shipped in the same batch."""
+
+COUNTER_TTL_S = 86_400
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+def make_client(url: str, socket_timeout: float) -> Redis:
+    """A client that fails fast: flowtrace retries by itself, with backoff, in the background."""
+    return Redis.from_url(
+        url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def counter_key(key: str) -> str:
+    return f"flowtrace:items:{key}"
+
+
+def count_op(key: str, failed: bool) -> Op:
+    name = counter_key(key)
+    return (("HINCRBY", name, "failed" if failed else "done", 1), ("EXPIRE", name, COUNTER_TTL_S))
+
+
+async def read_counts(client: Redis, key: str) -> tuple[int, int]:
+    """``(done, failed)`` stored under ``key``; (0, 0) on any error."""
+    try:
+        done, failed = await client.hmget(counter_key(key), ["done", "failed"])
+        check_cancelled()
+        return int(done or 0), int(failed or 0)
+    except Exception as exc:  # noqa: BLE001 - documented: unreachable reads as nothing counted
+        log.debug("flowtrace: reading item counts for %s failed: %r", key, exc)
+        return 0, 0
+
+
+def decode_event(raw: object, count_drop: Callable[[str], None], where: str) -> Event | None:
+    """Parse one payload; an invalid one is logged, counted ``invalid_event`` and skipped."""
+    try:
+        if not isinstance(raw, (str, bytes)):
+            raise InvalidEvent(f"payload is {type(raw).__name__}, not JSON text")
+        return parse_event(raw)
+    except InvalidEvent as exc:
+        log.warning("flowtrace: skipping invalid event at %s: %s", where, exc)
+        count_drop("invalid_event")
+        return None
+
+
+def check_cancelled() -> None:
+    """Re-raise a cancellation that redis-py lost; call after each Redis await in a loop.
+
+    redis-py sends commands through ``asyncio.wait_for``, which on Python 3.11
+    swallows a ``cancel()`` arriving as the send completes: the task is then
+    "cancelling" but runs on, and a loop around the command would never stop.
+    """
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    if cancelling is not None and cancelling() > 0:
+        raise asyncio.CancelledError
+
+
+class Backoff:
+    """Exponential delays from 0.1 s, doubling up to a 5 s cap."""
+
+    def __init__(self) -> None:
+        self.delay = BACKOFF_MIN_S
+
+    def reset(self) -> None:
+        self.delay = BACKOFF_MIN_S
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, BACKOFF_MAX_S)
+
+
+class Outage:
+    """Connection state with one log line per outage, not one per failed attempt."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.down:
+            log.warning("flowtrace: %s lost Redis (%r); retrying in the background",
+                        self.what, exc)
+        self.down = True
+
+    def ok(self) -> None:
+        if self.down:
+            log.warning("flowtrace: %s reconnected to Redis", self.what)
+        self.down = False
+
+
+class BatchSender:
+    """Ships queued operations in order from one background task.
+
+    Each operation gets a sequence number; :meth:`flush` waits until no
+    operation numbered at or below the last one submitted before it is still
+    pending (sent or dropped). Use from one event loop thread.
+    """
+
+    def __init__(self, client: Redis, *, what: str, buffer_size: int, batch_size: int,
+                 count_drop: Callable[[str, int], None]) -> None:
+        if buffer_size < 1 or batch_size < 1:
+            raise ValueError("buffer_size and batch_size must be positive")
+        self._client = client
+        self._buffer: deque[tuple[int, Op]] = deque()
+        self._in_flight: list[tuple[int, Op]] = []
+        self._buffer_size = buffer_size
+        self._batch_size = batch_size
+        self._count_drop = count_drop
+        self._submitted = 0
+        self._outage = Outage(what)
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._in_flight) + len(self._buffer)
+
+    def submit(self, op: Op) -> None:
+        """Queue ``op`` (never waits); beyond ``buffer_size`` the oldest queued op is dropped."""
+        if self._closed:
+            self._count_drop("closed", 1)
+            return
+        if len(self._buffer) >= self._buffer_size:
+            self._buffer.popleft()
+            self._count_drop("buffer_full", 1)
+        self._submitted += 1
+        self._buffer.append((self._submitted, op))
+        self._wakeup.set()
+        self._ensure_task()
+
+    async def flush(self, timeout: float) -> bool:
+        """True once everything submitted so far left; False if Redis is down or on timeout."""
+        target = self._submitted
+        self._ensure_task()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._oldest_pending() <= target:
+            remaining = deadline - loop.time()
+            if self._outage.down or remaining <= 0:
+                return False
+            progress = self._progress
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(progress.wait(), remaining)
+        return True
+
+    async def close(self, timeout: float) -> None:
+        """Flush (bounded), stop the task; what is still unsent is counted ``closed``."""
+        if self._task is not None:
+            await self.flush(timeout)
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        self._closed = True
+        if self.pending:
+            self._count_drop("closed", self.pending)
+        self._buffer.clear()
+        self._in_flight = []
+
+    def _ensure_task(self) -> None:
+        """Start the sender in the running loop (again, if a loop shutdown cancelled it)."""
+        if self._closed or (self._task is not None and not self._task.done()):
+            return
+        # No loop (a sync caller of count_item): the next submit or flush starts it.
+        with contextlib.suppress(RuntimeError):
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"{self._outage.what} sender")
+
+    def _oldest_pending(self) -> int:
+        if self._in_flight:
+            return self._in_flight[0][0]
+        return self._buffer[0][0] if self._buffer else self._submitted + 1
+
+    def _pulse(self) -> None:
+        """Wake every flush waiter to re-check its condition."""
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        while True:
+            if not self._in_flight:
+                if not self._buffer:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                take = min(self._batch_size, len(self._buffer))
+                self._in_flight = [self._buffer.popleft() for _ in range(take)]
+            try:
+                results = await self._send(self._in_flight)
+            except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, back off, retry
+                check_cancelled()
+                self._outage.failed(exc)
+                self._pulse()
+                await backoff.sleep()
+                continue
+            self._outage.ok()
+            backoff.reset()
+            self._in_flight = []
+            self._report_errors(results)
+            self._pulse()
+            check_cancelled()
+
+    async def _send(self, batch: list[tuple[int, Op]]) -> list[object]:
+        # MULTI/EXEC: a batch cut off mid-way by a dropped connection is not half applied,
+        # so resending it does not duplicate its first events.
+        async with self._client.pipeline(transaction=True) as pipe:
+            for _, op in batch:
+                for command in op:
+                    pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
+
+    def _report_errors(self, results: list[object]) -> None:
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            log.warning("flowtrace: Redis rejected %d command(s), e.g. %r", len(errors), errors[0])
+            self._count_drop("redis_error", len(errors))

@@ -1,0 +1,161 @@
+"""In-process transport: a bounded ring of recent events plus per-subscriber queues.
+
+Event ids are ``"<epoch>-<seq>"``: ``epoch`` identifies this incarnation (a
+millisecond boot timestamp, unique within the process), ``seq`` counts up from 1.
+An id from another incarnation is therefore recognisable, and resume after a
+restart reports truncated history instead of silently skipping events.
+
+Everything here runs on the event loop thread: ``publish`` and ``subscribe`` are
+not thread-safe and never suspend, which is what makes the replay-then-live
+hand-over in :meth:`InMemoryTransport.subscribe` gap- and duplicate-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from typing import cast
+
+from flowtrace.events import BaseEvent, Event
+from flowtrace.transport.base import FROM_BEGINNING, Transport
+
+_ID = re.compile(r"([0-9]+)-([0-9]{1,18})")
+_last_epoch = 0
+_MAX_COUNTER_KEYS = 10_000
+
+
+def new_epoch() -> str:
+    """A millisecond boot timestamp, strictly increasing within this process."""
+    global _last_epoch
+    _last_epoch = max(time.time_ns() // 1_000_000, _last_epoch + 1)
+    return str(_last_epoch)
+
+
+def split_id(event_id: str) -> tuple[str, int] | None:
+    """``(epoch, seq)`` of an ``"<epoch>-<seq>"`` id, None when malformed."""
+    match = _ID.fullmatch(event_id)
+    return (match[1], int(match[2])) if match else None
+
+
+class _Queue(asyncio.Queue["tuple[int, Event] | None"]):
+    """A subscriber's live queue of ``(seq, event)``; ``None`` = transport closed."""
+
+
+class InMemoryTransport(Transport):
+    """Events for one process: publish, subscribe and resume with ``since``.
+
+    Keeps the last ``maxlen`` events for replay. Each subscriber gets a queue of
+    ``subscriber_queue_size`` events; a subscriber that falls that far behind
+    loses events (counted as ``subscriber_overflow``), the publisher never waits.
+    Use from the event loop thread only.
+    """
+
+    def __init__(self, maxlen: int = 10_000, *, subscriber_queue_size: int = 10_000) -> None:
+        super().__init__()
+        if maxlen < 1 or subscriber_queue_size < 1:
+            raise ValueError("maxlen and subscriber_queue_size must be positive")
+        self.epoch = new_epoch()
+        self._seq = 0
+        self._ring: deque[tuple[int, Event]] = deque(maxlen=maxlen)
+        self._queue_size = subscriber_queue_size
+        # Weak: a subscribe() whose iterator is dropped unstarted must not pin a queue.
+        self._subscribers: weakref.WeakSet[_Queue] = weakref.WeakSet()
+        self._counts: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._closed = False
+
+    async def publish(self, event: BaseEvent) -> None:
+        """Store ``event`` with a fresh id and hand it to every subscriber (no suspension)."""
+        self._seq += 1
+        stored = cast("Event", event.model_copy(update={"id": f"{self.epoch}-{self._seq}"}))
+        entry = (self._seq, stored)
+        self._ring.append(entry)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(entry)
+            except asyncio.QueueFull:
+                self._count_drop("subscriber_overflow")
+
+    def subscribe(self, since: str | None = None) -> AsyncIterator[Event]:
+        """Live events from now on; with ``since``, every retained event after it first.
+
+        The live queue is registered and the ring snapshotted in this synchronous
+        call, so no event can fall between replay and live. A ``since`` from
+        another incarnation replays everything retained; a malformed one, nothing.
+        """
+        queue = _Queue(self._queue_size)
+        if not self._closed:
+            self._subscribers.add(queue)
+        replay = self._retained_after(since) if since is not None else []
+        return self._iterate(queue, replay, self._seq)
+
+    def replay(self, since: str) -> AsyncIterator[Event]:
+        """The retained events after ``since`` at the time of this call, then stop."""
+        return _yield_all(self._retained_after(since))
+
+    def _retained_after(self, since: str) -> list[Event]:
+        parsed = split_id(since)
+        if parsed is None or not self._ring:
+            return []
+        epoch, seq = parsed
+        if since == FROM_BEGINNING or epoch != self.epoch:
+            start = 0
+        else:  # seqs in the ring are contiguous: the first one after ``seq`` is at an offset
+            start = max(0, seq - self._ring[0][0] + 1)
+        return [event for _, event in itertools.islice(self._ring, start, None)]
+
+    async def _iterate(
+        self, queue: _Queue, replay: list[Event], replayed_upto: int
+    ) -> AsyncIterator[Event]:
+        try:
+            for event in replay:
+                yield event
+            while not self._closed:
+                entry = await queue.get()
+                if entry is None or self._closed:
+                    return
+                if entry[0] > replayed_upto:  # else already replayed (cannot happen: defensive)
+                    yield entry[1]
+        finally:
+            self._subscribers.discard(queue)
+
+    def history_is_truncated(self, since: str) -> bool:
+        """True for a malformed or foreign ``since``, or one older than the ring keeps.
+
+        ``FROM_BEGINNING`` asks for whatever is retained, so it is never truncated.
+        """
+        if since == FROM_BEGINNING:
+            return False
+        parsed = split_id(since)
+        if parsed is None or parsed[0] != self.epoch or parsed[1] > self._seq:
+            return True
+        oldest = self._ring[0][0] if self._ring else self._seq + 1
+        return parsed[1] < oldest - 1
+
+    def count_item(self, key: str, failed: bool) -> None:
+        done, failures = self._counts.pop(key, (0, 0))
+        self._counts[key] = (done, failures + 1) if failed else (done + 1, failures)
+        while len(self._counts) > _MAX_COUNTER_KEYS:  # bounded: the demo runs for days
+            self._counts.popitem(last=False)
+
+    async def read_counts(self, key: str) -> tuple[int, int]:
+        return self._counts.get(key, (0, 0))
+
+    async def close(self) -> None:
+        """End every subscriber's iterator."""
+        self._closed = True
+        for queue in list(self._subscribers):
+            # A full queue's iterator sees ``_closed`` after its next get.
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        self._subscribers.clear()
+
+
+async def _yield_all(events: list[Event]) -> AsyncIterator[Event]:
+    for event in events:
+        yield event

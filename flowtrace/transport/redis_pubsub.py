@@ -1,0 +1,107 @@
+"""Redis pub/sub transport (seed compatibility): at-most-once, no replay.
+
+Events published while a subscriber is disconnected are lost for it; ``since``
+is ignored. Publishing is buffered and shipped in the background exactly like
+the stream transport. Ids are a counter of this transport object, so they only
+grow, also across resubscriptions; they mean nothing to another process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+
+from flowtrace.events import BaseEvent, Event
+from flowtrace.transport import _sender
+from flowtrace.transport._sender import Backoff, BatchSender, Outage, check_cancelled, log
+from flowtrace.transport.base import FROM_BEGINNING, Transport
+
+_POLL_S = 1.0
+_CLOSE_WAIT_S = 2.0
+
+
+class RedisPubSubTransport(Transport):
+    """Events on one Redis pub/sub channel. The caller owns ``redis_client`` (not closed here)."""
+
+    def __init__(self, redis_client: Redis, channel: str = "flowtrace:events", *,
+                 buffer_size: int = 10_000, batch_size: int = 500) -> None:
+        super().__init__()
+        self.channel = channel
+        self._client = redis_client
+        self._sender = BatchSender(redis_client, what=f"flowtrace publisher ({channel})",
+                                   buffer_size=buffer_size, batch_size=batch_size,
+                                   count_drop=self._count_drop)
+        self._seq = 0
+        self._closed = False
+
+    async def publish(self, event: BaseEvent) -> None:
+        """Buffer ``event`` for the background sender; never waits on Redis."""
+        try:
+            payload = event.model_dump_json()
+        except Exception as exc:  # noqa: BLE001 - publish never raises into the caller
+            log.warning("flowtrace: dropping unserializable %s: %r", type(event).__name__, exc)
+            self._count_drop("unserializable")
+            return
+        self._sender.submit((("PUBLISH", self.channel, payload),))
+
+    async def flush(self, timeout: float = 2.0) -> bool:
+        return await self._sender.flush(timeout)
+
+    def count_item(self, key: str, failed: bool) -> None:
+        self._sender.submit(_sender.count_op(key, failed))
+
+    async def read_counts(self, key: str) -> tuple[int, int]:
+        """Counts in Redis, after shipping this process's own pending increments (≤ 1 s)."""
+        await self._sender.flush(timeout=1.0)
+        return await _sender.read_counts(self._client, key)
+
+    async def close(self) -> None:
+        """Ship what is buffered (≤ 2 s) and stop; subscribers end within a second."""
+        self._closed = True
+        await self._sender.close(_CLOSE_WAIT_S)
+
+    def subscribe(self, since: str | None = None) -> AsyncIterator[Event]:
+        """Events published once the iterator is subscribed (on its first ``anext``).
+
+        ``since`` is ignored: pub/sub keeps nothing to replay.
+        """
+        return self._follow()
+
+    def replay(self, since: str) -> AsyncIterator[Event]:
+        """Nothing: pub/sub retains no history."""
+        return _nothing()
+
+    async def _follow(self) -> AsyncIterator[Event]:
+        outage = Outage(f"flowtrace subscriber ({self.channel})")
+        backoff = Backoff()
+        while not self._closed:
+            try:
+                async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    check_cancelled()
+                    outage.ok()
+                    backoff.reset()
+                    while not self._closed:
+                        message = await pubsub.get_message(timeout=_POLL_S)
+                        check_cancelled()
+                        if message is None or message.get("type") != "message":
+                            continue
+                        event = _sender.decode_event(message.get("data"), self._count_drop,
+                                                     f"channel {self.channel}")
+                        if event is not None:
+                            self._seq += 1
+                            yield event.model_copy(update={"id": str(self._seq)})
+            except Exception as exc:  # noqa: BLE001 - outage: resubscribe after a delay
+                check_cancelled()
+                outage.failed(exc)
+                await backoff.sleep()
+
+    def history_is_truncated(self, since: str) -> bool:
+        """True unless ``since`` is ``FROM_BEGINNING``: pub/sub retains nothing to resume from."""
+        return since != FROM_BEGINNING
+
+
+async def _nothing() -> AsyncIterator[Event]:
+    return
+    yield  # an async generator that yields nothing

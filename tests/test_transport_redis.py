@@ -1,0 +1,361 @@
+"""Redis transports against a real, private redis-server that tests stop and restart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from flowtrace.events import Event, StepStartEvent
+from flowtrace.transport import RedisPubSubTransport, RedisStreamTransport
+from flowtrace.transport.base import FROM_BEGINNING, Transport, id_sort_key
+from tests.support.processes import RedisServer
+from tests.support.waiting import async_wait_until
+
+PROBE = "probe"
+
+
+def step(n: int, pipeline_id: str = "p") -> StepStartEvent:
+    return StepStartEvent(pipeline_id=pipeline_id, step_name="s", step_index=n)
+
+
+def index(event: Event) -> int:
+    assert isinstance(event, StepStartEvent)
+    return event.step_index
+
+
+class Collector:
+    """Drains a subscription in the background; probe events are kept apart."""
+
+    def __init__(self, events: AsyncIterator[Event]) -> None:
+        self.received: list[Event] = []
+        self.probes = 0
+        self.task = asyncio.create_task(self._drain(events))
+
+    async def _drain(self, events: AsyncIterator[Event]) -> None:
+        async for event in events:
+            if event.pipeline_id == PROBE:
+                self.probes += 1
+            else:
+                self.received.append(event)
+
+    def indexes(self) -> list[int]:
+        return [index(e) for e in self.received]
+
+    async def wait_for(self, count: int, timeout: float = 15) -> list[int]:
+        await async_wait_until(lambda: len(self.received) >= count, timeout=timeout,
+                               message=f"{count} events (have {len(self.received)})")
+        return self.indexes()
+
+    async def wait_live(self, transport: Transport) -> None:
+        """Publish probes until a new one arrives: the subscription is then surely live."""
+        before = self.probes
+
+        async def probe_seen() -> bool:
+            await transport.publish(step(0, PROBE))
+            return self.probes > before
+
+        await async_wait_until(probe_seen, interval=0.05, message="a probe event")
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.wait([self.task])
+
+
+@pytest.fixture
+def no_task_leaks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.WARNING)
+    yield
+    assert "Task was destroyed" not in caplog.text
+    assert "exception was never retrieved" not in caplog.text
+
+
+def outage_logs(caplog: pytest.LogCaptureFixture, what: str) -> int:
+    return sum(1 for r in caplog.records if "lost Redis" in r.getMessage() and what in
+               r.getMessage())
+
+
+async def stream_ids(url: str, stream: str = "flowtrace:events") -> list[str]:
+    async with Redis.from_url(url) as raw:
+        return [entry_id.decode() for entry_id, _ in await raw.xrange(stream)]
+
+
+# -- RedisStreamTransport -------------------------------------------------------------------
+
+
+async def test_stream_round_trip_ordered_with_stream_ids(redis_server: RedisServer,
+                                                         no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url)
+    for n in range(300):
+        await transport.publish(step(n))
+    assert await transport.flush()
+    collector = Collector(transport.subscribe(since=FROM_BEGINNING))
+    received = await collector.wait_for(300)
+    await collector.stop()
+    await transport.close()
+
+    assert received == list(range(300))
+    ids = [e.id or "" for e in collector.received]
+    assert ids == await stream_ids(redis_server.url)
+    assert [id_sort_key(i) for i in ids] == sorted(id_sort_key(i) for i in ids)
+
+
+async def test_stream_subscribe_without_since_gets_only_new_events(
+        redis_server: RedisServer, no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url)
+    await transport.publish(step(1))
+    assert await transport.flush()
+    collector = Collector(transport.subscribe())
+    await collector.wait_live(transport)
+    await transport.publish(step(2))
+
+    assert await collector.wait_for(1) == [2]
+    await collector.stop()
+    await transport.close()
+
+
+async def test_stream_resume_with_since_while_publishing(redis_server: RedisServer,
+                                                         no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, batch_size=7)
+    for n in range(50):
+        await transport.publish(step(n))
+    assert await transport.flush()
+    since = (await stream_ids(redis_server.url))[24]
+
+    async def keep_publishing() -> None:
+        for n in range(50, 250):
+            await transport.publish(step(n))
+            if n % 20 == 0:
+                await transport.flush()
+
+    publisher = asyncio.create_task(keep_publishing())
+    collector = Collector(transport.subscribe(since=since))
+    received = await collector.wait_for(225)
+    await publisher
+    assert await transport.flush()
+    await collector.stop()
+    await transport.close()
+
+    assert received == list(range(25, 250))
+    assert id_sort_key(collector.received[0].id or "") > id_sort_key(since)
+
+
+async def test_stream_replay_is_finite_and_resumes_after_since(redis_server: RedisServer,
+                                                               no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, batch_size=4)
+    for n in range(10):
+        await transport.publish(step(n))
+    assert await transport.flush()
+
+    everything = [e async for e in transport.replay(FROM_BEGINNING)]
+    assert [index(e) for e in everything] == list(range(10))
+    after = [index(e) async for e in transport.replay(everything[6].id or "")]
+    assert after == [7, 8, 9]
+    assert [e async for e in transport.replay("not-an-id")] == []
+    await transport.close()
+
+
+async def test_stream_detects_trimmed_history(redis_server: RedisServer,
+                                              no_task_leaks: None) -> None:
+    fresh = RedisStreamTransport(redis_server.url, stream="other")
+    assert not await fresh.is_history_truncated(FROM_BEGINNING)
+    await fresh.close()
+
+    transport = RedisStreamTransport(redis_server.url, maxlen=5, approximate=False)
+    await transport.publish(step(0))
+    assert await transport.flush()
+    (first_id,) = await stream_ids(redis_server.url)
+    assert not await transport.is_history_truncated(first_id)  # nothing trimmed yet
+    for n in range(1, 20):
+        await transport.publish(step(n))
+    assert await transport.flush()
+    retained = await stream_ids(redis_server.url)
+    assert len(retained) == 5
+
+    assert await transport.is_history_truncated(first_id)  # 1..14 were trimmed after it
+    assert not await transport.is_history_truncated(retained[0])
+    assert not await transport.is_history_truncated(retained[-1])
+    assert not await transport.is_history_truncated(FROM_BEGINNING)
+    ms, _, _ = retained[-1].partition("-")
+    for foreign in ("garbage", "12", f"{int(ms) + 10_000}-0"):
+        assert await transport.is_history_truncated(foreign), foreign
+    assert transport.history_is_truncated(retained[0])  # no I/O: conservative
+    replayed = [index(e) async for e in transport.replay(first_id)]
+    assert replayed == [15, 16, 17, 18, 19]  # what is left after the gap
+    await transport.close()
+
+
+async def test_stream_publish_while_redis_down_buffers_and_delivers_after_restart(
+        redis_server: RedisServer, no_task_leaks: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    transport = RedisStreamTransport(redis_server.url, batch_size=3)
+    await transport.publish(step(0))
+    assert await transport.flush()
+    redis_server.stop()
+
+    for n in range(1, 21):
+        await transport.publish(step(n))  # neither raises nor waits for Redis
+    assert not await transport.flush(timeout=10)
+    assert not await transport.flush(timeout=10)  # known down: answers at once
+
+    redis_server.start()  # empty again: the server keeps no data across restarts
+    await async_wait_until(lambda: transport.flush(timeout=1), message="the buffer to drain")
+    replayed = [index(e) async for e in transport.replay(FROM_BEGINNING)]
+    await transport.close()
+
+    assert replayed == list(range(1, 21))
+    assert outage_logs(caplog, "publisher") == 1
+    assert transport.dropped == {}
+
+
+async def test_stream_subscriber_survives_redis_restart(redis_server: RedisServer,
+                                                        no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, block_ms=200)
+    collector = Collector(transport.subscribe(since=FROM_BEGINNING))
+    await transport.publish(step(1))
+    assert await collector.wait_for(1) == [1]
+
+    redis_server.stop()
+    redis_server.start()
+    await transport.publish(step(2))
+    await transport.publish(step(3))
+
+    assert await collector.wait_for(3) == [1, 2, 3]
+    await collector.stop()
+    await transport.close()
+
+
+async def test_stream_subscriber_started_while_redis_down_catches_up(
+        redis_server: RedisServer, no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, block_ms=200)
+    redis_server.stop()
+    collector = Collector(transport.subscribe(since=FROM_BEGINNING))
+    await transport.publish(step(1))
+    redis_server.start()
+
+    assert await collector.wait_for(1) == [1]
+    await collector.stop()
+    await transport.close()
+
+
+async def test_stream_buffer_overflow_drops_oldest_and_counts(redis_server: RedisServer,
+                                                              no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, buffer_size=10)
+    reported: list[tuple[str, int]] = []
+    transport.on_drop(lambda reason, count: reported.append((reason, count)))
+    redis_server.stop()
+    for n in range(30):
+        await transport.publish(step(n))  # publish never yields: the sender cannot run
+    assert transport.dropped == {"buffer_full": 20}
+    assert reported == [("buffer_full", 1)] * 20
+
+    redis_server.start()
+    await async_wait_until(lambda: transport.flush(timeout=1), message="the buffer to drain")
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(20, 30))
+    await transport.close()
+
+
+async def test_stream_skips_invalid_entries(redis_server: RedisServer,
+                                            no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url)
+    collector = Collector(transport.subscribe(since=FROM_BEGINNING))
+    async with Redis.from_url(redis_server.url) as raw:
+        for fields in ({"e": "not json"}, {"e": b"\xff\xfe"}, {"other": "field"},
+                       {"e": '{"type": "NoSuchEvent"}'}, {"e": "[1, 2]"}):
+            await raw.xadd("flowtrace:events", fields)
+    await transport.publish(step(7))
+
+    assert await collector.wait_for(1) == [7]
+    assert transport.dropped == {"invalid_event": 5}
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == [7]
+    await collector.stop()
+    await transport.close()
+
+
+async def test_stream_item_counts(redis_server: RedisServer, no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url)
+    for failed in (False, False, False, True):
+        transport.count_item("run-1:2", failed)
+    assert await transport.read_counts("run-1:2") == (3, 1)
+    assert await transport.read_counts("unknown") == (0, 0)
+    async with Redis.from_url(redis_server.url) as raw:
+        assert 0 < await raw.ttl("flowtrace:items:run-1:2") <= 86_400
+
+    redis_server.stop()
+    assert await transport.read_counts("run-1:2") == (0, 0)
+    await transport.close()
+
+
+async def test_stream_close_is_clean_and_ends_subscribers(redis_server: RedisServer,
+                                                          no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, block_ms=200)
+    collector = Collector(transport.subscribe())
+    await collector.wait_live(transport)
+    await transport.publish(step(1))
+    await transport.close()  # ships what is buffered first
+
+    await asyncio.wait_for(collector.task, timeout=10)  # the iterator ends by itself
+    reader = RedisStreamTransport(redis_server.url)
+    history = [e async for e in reader.replay(FROM_BEGINNING) if e.pipeline_id != PROBE]
+    await reader.close()
+    assert [index(e) for e in history] == [1]
+    await transport.publish(step(2))
+    assert transport.dropped == {"closed": 1}
+
+
+async def test_stream_close_while_redis_down_is_bounded(redis_server: RedisServer,
+                                                        no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url)
+    redis_server.stop()
+    await transport.publish(step(1))
+    await asyncio.wait_for(transport.close(), timeout=10)
+    assert transport.dropped == {"closed": 1}
+
+
+# -- RedisPubSubTransport -------------------------------------------------------------------
+
+
+async def test_pubsub_round_trip_with_local_ids(redis_server: RedisServer,
+                                                no_task_leaks: None) -> None:
+    async with Redis.from_url(redis_server.url) as client:
+        transport = RedisPubSubTransport(client)
+        collector = Collector(transport.subscribe(since="ignored"))
+        await collector.wait_live(transport)
+        for n in range(50):
+            await transport.publish(step(n))
+        assert await transport.flush()
+
+        assert await collector.wait_for(50) == list(range(50))
+        ids = [id_sort_key(e.id or "") for e in collector.received]
+        assert ids == sorted(ids) and len(set(ids)) == 50
+        assert transport.history_is_truncated("5")
+        assert [e async for e in transport.replay(FROM_BEGINNING)] == []
+        await collector.stop()
+        await transport.close()
+
+
+async def test_pubsub_subscriber_survives_redis_restart(redis_server: RedisServer,
+                                                        no_task_leaks: None) -> None:
+    async with Redis.from_url(redis_server.url) as client:
+        transport = RedisPubSubTransport(client)
+        collector = Collector(transport.subscribe())
+        await collector.wait_live(transport)
+        redis_server.stop()
+        redis_server.start()
+        await collector.wait_live(transport)  # resubscribed (what came before is lost)
+        await transport.publish(step(1))
+        assert await collector.wait_for(1) == [1]
+        await collector.stop()
+        await transport.close()
+
+
+async def test_pubsub_item_counts(redis_server: RedisServer, no_task_leaks: None) -> None:
+    async with Redis.from_url(redis_server.url) as client:
+        transport = RedisPubSubTransport(client)
+        transport.count_item("k", failed=True)
+        transport.count_item("k", failed=False)
+        assert await transport.read_counts("k") == (1, 1)
+        await transport.close()
