@@ -16,17 +16,15 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import Context, SimpleRetryMiddleware, TaskiqDepends
 from taskiq_pipelines import PipelineMiddleware
-from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+from taskiq_redis import RedisAsyncResultBackend
 
 import flowtrace
+from examples.brokers.redis_list import PollingListQueueBroker
+from examples.brokers.settings import redis_broker_connection
 
 logger = logging.getLogger("examples.fleet.worker")
 
@@ -38,50 +36,11 @@ result_backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
 )
 
 
-class PollingListQueueBroker(ListQueueBroker):
-    """``ListQueueBroker`` whose BRPOP returns every ``poll_timeout`` seconds.
-
-    taskiq-redis 1.2.4's ``ListQueueBroker.listen`` issues ``BRPOP queue 0`` (block
-    forever) and has no keyword for a server-side timeout, which leaves two bad
-    choices with redis-py 8:
-
-    * the default ``socket_timeout`` (5 s) makes an idle worker's BRPOP raise
-      ``redis.TimeoutError``, which ``listen`` does not catch: the worker process
-      dies every 5 s and taskiq's process manager restarts it;
-    * ``socket_timeout=None`` keeps idle workers alive but hangs SIGTERM: taskiq
-      installs a plain ``signal.signal`` handler that sets an ``asyncio.Event``, and
-      an event loop blocked in an endless read never wakes up to notice it.
-
-    A 1 s server-side BRPOP timeout avoids both: the read always returns (an empty
-    reply while idle), SIGTERM is noticed within a second, the 5 s socket timeout
-    still detects a dead Redis, and Redis errors are retried instead of ending the
-    worker. No message can be lost to a client-side timeout either, since the
-    server, not the client, ends an idle wait.
-    """
-
-    def __init__(self, url: str, *, poll_timeout: int = 1, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
-        self.poll_timeout = poll_timeout
-
-    async def listen(self) -> AsyncGenerator[bytes, None]:
-        while True:
-            try:
-                async with Redis(connection_pool=self.connection_pool) as conn:
-                    item = await conn.brpop([self.queue_name], timeout=self.poll_timeout)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                logger.warning("Redis unavailable (%s); retrying in 1 s", exc)
-                await asyncio.sleep(1)
-                continue
-            if item is not None:
-                yield item[1]
-
-
 broker = PollingListQueueBroker(
     REDIS_URL,
     queue_name="flowtrace-fleet",
-    socket_timeout=5,  # above poll_timeout: an idle BRPOP returns before it
-    socket_connect_timeout=5,
     health_check_interval=30,  # PING a connection idle for 30 s before reusing it
+    **redis_broker_connection(),  # no worker that ignores SIGTERM: see its docstring
 ).with_result_backend(result_backend)
 broker.add_middlewares(
     SimpleRetryMiddleware(default_retry_count=3),

@@ -17,13 +17,14 @@ from taskiq_pipelines import PipelineMiddleware
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
 import flowtrace
+from examples.brokers.settings import redis_broker_connection
 
 BROKER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 # XREADGROUP blocks 1 s, well under redis-py 8's 5 s default socket timeout, so
 # idle workers stay alive and SIGTERM shutdown is prompt.
-broker = RedisStreamBroker(BROKER_URL, xread_block=1000, xread_count=1,
-                           idle_timeout=5_000).with_result_backend(
+broker = RedisStreamBroker(BROKER_URL, xread_block=1000, xread_count=1, idle_timeout=5_000,
+                           **redis_broker_connection()).with_result_backend(
     RedisAsyncResultBackend(BROKER_URL))
 broker.add_middlewares(PipelineMiddleware(), SimpleRetryMiddleware(default_retry_count=3))
 middleware = flowtrace.instrument(broker)

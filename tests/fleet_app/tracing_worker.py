@@ -8,56 +8,25 @@ imports the same module to kick the pipelines (see :func:`make_broker`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from opentelemetry import trace
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from taskiq import AsyncBroker, Context, SimpleRetryMiddleware, TaskiqDepends
 from taskiq_pipelines import PipelineMiddleware
-from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
+from taskiq_redis import RedisAsyncResultBackend
 
 import flowtrace
+from examples.brokers.redis_list import PollingListQueueBroker
+from examples.brokers.settings import redis_broker_connection
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("TEST_QUEUE", "flowtrace-tracing")
 RESULT_TTL_S = 600
 logger = logging.getLogger(__name__)
 
-CONNECTION_KWARGS: dict[str, Any] = {"socket_keepalive": True}
-BRPOP_TIMEOUT_S = 1
-
-
-class FleetBroker(ListQueueBroker):
-    """taskiq-redis' ``ListQueueBroker`` whose idle workers neither die nor ignore SIGTERM.
-
-    ``ListQueueBroker.listen()`` blocks in ``BRPOP`` with no server-side timeout and
-    survives only the builtin ``ConnectionError``. With redis-py 8's default
-    ``socket_timeout`` of 5 s, redis' ``TimeoutError`` ends every worker idle for 5 s.
-    ``socket_timeout=None`` keeps it alive but then an idle worker's event loop sleeps in
-    ``select()`` with nothing scheduled, and taskiq's SIGTERM handler (a plain
-    ``signal.signal`` handler setting an ``asyncio.Event``) does not wake it: the worker
-    hangs on shutdown. A server-side ``BRPOP`` timeout well under the socket timeout
-    fixes both: Redis answers nil every second, no read ever times out on the client,
-    and the loop wakes often enough to notice a shutdown.
-    """
-
-    async def listen(self) -> AsyncGenerator[bytes, None]:
-        while True:
-            try:
-                async with Redis(connection_pool=self.connection_pool) as connection:
-                    popped = await connection.brpop([self.queue_name],
-                                                    timeout=BRPOP_TIMEOUT_S)
-            except RedisError as exc:
-                logger.warning("fleet broker: Redis unavailable (%r); retrying", exc)
-                await asyncio.sleep(BRPOP_TIMEOUT_S)
-                continue
-            if popped is not None:
-                yield popped[1]
+CONNECTION_KWARGS: dict[str, Any] = redis_broker_connection()
 
 
 def make_broker(redis_url: str = REDIS_URL, *, queue: str = QUEUE) -> AsyncBroker:
@@ -65,7 +34,7 @@ def make_broker(redis_url: str = REDIS_URL, *, queue: str = QUEUE) -> AsyncBroke
     backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
         redis_url, result_ex_time=RESULT_TTL_S, **CONNECTION_KWARGS,
     )
-    new_broker = FleetBroker(redis_url, queue_name=queue, **CONNECTION_KWARGS)
+    new_broker = PollingListQueueBroker(redis_url, queue_name=queue, **CONNECTION_KWARGS)
     new_broker = new_broker.with_result_backend(backend)
     new_broker.add_middlewares(PipelineMiddleware(), SimpleRetryMiddleware(default_retry_count=3))
     register_tasks(new_broker)
