@@ -188,10 +188,14 @@ def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
         return None
     if value is None or isinstance(value, (bool, int, float)):
         return value if not isinstance(value, float) or math.isfinite(value) else repr(value)
-    if isinstance(value, str) and len(value) <= max_bytes // 4:
-        return value
+    if isinstance(value, str):
+        return value if len(value) <= max_bytes // 4 else _truncate(value, max_bytes)
     try:
-        text, complete = _bounded_json(value, max_bytes)
+        if _json_size_bound(value, 4 * max_bytes) is not None:
+            text = _COMPACT.encode(value)  # small: the C encoder in one go
+            complete = len(text) <= max_bytes and len(text.encode("utf-8")) <= max_bytes
+        else:
+            text, complete = _bounded_json(value, max_bytes)
     except Exception:  # noqa: BLE001 - anything unencodable falls back to repr
         text, complete = _bounded_repr(value, max_bytes), False
     if complete:
@@ -199,12 +203,40 @@ def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
     return _truncate(text, max_bytes)
 
 
+_COMPACT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _json_size_bound(value: Any, budget: int) -> int | None:
+    """An upper bound of ``value``'s JSON size, or None once it exceeds ``budget``.
+
+    Cheap for small values, and stops early on big ones, so a 10 MB result never
+    gets encoded whole.
+    """
+    stack = [value]
+    size = 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += 6 * len(item) + 2
+        elif isinstance(item, (list, tuple)):
+            size += 2 + len(item)
+            stack.extend(item)
+        elif isinstance(item, dict):
+            size += 2 + 2 * len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        else:
+            size += 32
+        if size > budget:
+            return None
+    return size
+
+
 def _bounded_json(value: Any, max_bytes: int) -> tuple[str, bool]:
     """Encode to JSON, stopping once more than ``max_bytes`` were produced."""
-    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     parts: list[str] = []
     size = 0
-    for chunk in encoder.iterencode(value):
+    for chunk in _COMPACT.iterencode(value):
         parts.append(chunk)
         size += len(chunk.encode("utf-8"))
         if size > max_bytes:

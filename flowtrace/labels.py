@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 RUN_LABEL = "flowtrace_run"
@@ -21,9 +22,9 @@ NAME_LABEL = "flowtrace_pipeline_name"
 """Set by :class:`flowtrace.Pipeline` on every step so the name survives uninstrumented kickers."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RunContext:
-    """A run as every process of it sees it."""
+    """A run as every process of it sees it (immutable; its label text is computed once)."""
 
     pipeline_id: str
     name: str
@@ -35,6 +36,10 @@ class RunContext:
     sampled: bool = False
 
     def encode(self) -> str:
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> str:
         return json.dumps(
             [self.pipeline_id, self.name, self.type, self.started_ns, f"{self.trace_id:032x}",
              f"{self.root_span_id:016x}", f"{self.parent_span_id:016x}", int(self.sampled)],

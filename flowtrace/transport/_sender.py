@@ -18,6 +18,7 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flowtrace.events import Event, InvalidEvent, parse_event
 
@@ -34,10 +35,16 @@ BACKOFF_MAX_S = 5.0
 
 
 def make_client(url: str, socket_timeout: float) -> Redis:
-    """A client that fails fast: flowtrace retries by itself, with backoff, in the background."""
+    """A client that fails fast: flowtrace retries by itself, with backoff, in the background.
+
+    One immediate retry on a connection error only: a pooled connection the server
+    closed (Redis restarted, idle timeout) is replaced at once instead of failing the
+    first command after Redis is back, which made ``flush`` report an outage and broke
+    cross-process order. Timeouts are not retried.
+    """
     return Redis.from_url(
         url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
 
 

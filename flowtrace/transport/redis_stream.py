@@ -276,10 +276,14 @@ def _trimmed_after(wanted: StreamId, info: Mapping[str, Any]) -> bool:
     added = info.get("entries-added")
     if added is None:
         return True
-    ever_removed = int(added) > int(info["length"])
+    if int(added) == int(info["length"]):
+        # Every entry this stream ever held is retained, and all are newer: `wanted` was
+        # never one of them. It comes from an earlier incarnation of the stream (a Redis
+        # restarted without persistence, a deleted stream) whose later events are gone.
+        return True
     # Something was trimmed before the first retained entry; we cannot tell whether it
     # was only `wanted` itself, so any removal counts (an empty stream: only if newer).
-    return ever_removed and wanted < last
+    return wanted < last
 
 
 def _id(value: str) -> StreamId:
