@@ -42,6 +42,8 @@ HOOK_METHODS: dict[str, str] = {
 }
 
 WILDCARD = "*"
+_BATCH = 256
+"""Events a hook's worker takes at once (one thread hop for a run of sync calls)."""
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _Subscription:
         self.worker: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
+        self._method_cache: dict[str, list[tuple[str, Any, bool]]] = {}
 
     def wants(self, event: BaseEvent) -> bool:
         return self.filter is None or self.filter.matches(event)
@@ -97,33 +100,61 @@ class _Subscription:
 
     async def _drain(self, queue: asyncio.Queue[BaseEvent]) -> None:
         while True:
-            event = await queue.get()
+            batch = [await queue.get()]
+            while len(batch) < _BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                await self._deliver(event)
+                await self._deliver(batch)
             finally:
-                queue.task_done()
+                for _ in batch:
+                    queue.task_done()
 
-    async def _deliver(self, event: BaseEvent) -> None:
-        for method_name in (HOOK_METHODS.get(type(event).__name__), "on_event"):
-            method = getattr(self.hook, method_name, None) if method_name else None
-            if method is None:
-                continue
-            try:
-                if inspect.iscoroutinefunction(method):
+    def _methods(self, event_type: str) -> list[tuple[str, Any, bool]]:
+        """``(name, bound method, is_async)`` to call for ``event_type``, looked up once."""
+        found = self._method_cache.get(event_type)
+        if found is None:
+            found = []
+            for name in (HOOK_METHODS.get(event_type), "on_event"):
+                method = getattr(self.hook, name, None) if name else None
+                if method is not None:
+                    found.append((name or "", method, inspect.iscoroutinefunction(method)))
+            self._method_cache[event_type] = found
+        return found
+
+    async def _deliver(self, batch: list[BaseEvent]) -> None:
+        """Call the hook for each event in order; runs of sync calls share one thread hop."""
+        sync_calls: list[tuple[str, Any, BaseEvent]] = []
+        for event in batch:
+            for name, method, is_async in self._methods(type(event).__name__):
+                if not is_async:
+                    sync_calls.append((name, method, event))
+                    continue
+                if sync_calls:
+                    await self._run_sync(sync_calls)
+                    sync_calls = []
+                try:
                     await method(event)
-                else:
-                    await self._run_sync(method, event)
-            except Exception:
-                logger.exception("flowtrace hook %s.%s raised", self.name, method_name)
-                metrics.count_hook_error(self.name)
+                except Exception:  # noqa: BLE001 - logged and counted by _failed
+                    self._failed(name)
+        if sync_calls:
+            await self._run_sync(sync_calls)
 
-    async def _run_sync(self, method: Any, event: BaseEvent) -> None:
+    def _failed(self, method_name: str) -> None:
+        logger.exception("flowtrace hook %s.%s raised", self.name, method_name)
+        metrics.count_hook_error(self.name)
+
+    async def _run_sync(self, calls: list[tuple[str, Any, BaseEvent]]) -> None:
         """Sync hooks run on their own thread so a slow one never stalls the event loop."""
         if self.executor is None:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"flowtrace-hook-{self.name}")
-        result = await asyncio.get_running_loop().run_in_executor(self.executor, method, event)
-        if inspect.isawaitable(result):
-            await result
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._call_all, calls)
+
+    def _call_all(self, calls: list[tuple[str, Any, BaseEvent]]) -> None:
+        for name, method, event in calls:
+            try:
+                method(event)
+            except Exception:  # noqa: BLE001 - logged and counted by _failed
+                self._failed(name)
 
     async def close(self, timeout: float) -> None:
         if self.queue is not None and self.worker is not None and not self.worker.done():

@@ -66,16 +66,24 @@ class InMemoryTransport(Transport):
         self._queue_size = subscriber_queue_size
         # Weak: a subscribe() whose iterator is dropped unstarted must not pin a queue.
         self._subscribers: weakref.WeakSet[_Queue] = weakref.WeakSet()
+        self._fanout: tuple[_Queue, ...] | None = None  # snapshot of _subscribers, rebuilt lazily
         self._counts: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._closed = False
 
     async def publish(self, event: BaseEvent) -> None:
-        """Store ``event`` with a fresh id and hand it to every subscriber (no suspension)."""
+        """Give ``event`` a fresh id (in place) and hand it to every subscriber (no suspension).
+
+        The id is set on the object itself, not a copy: the hooks of the emitting process
+        hold the same object and see the id too, and no copy is made per event.
+        """
         self._seq += 1
-        stored = cast("Event", event.model_copy(update={"id": f"{self.epoch}-{self._seq}"}))
-        entry = (self._seq, stored)
+        event.id = f"{self.epoch}-{self._seq}"
+        entry = (self._seq, cast("Event", event))
         self._ring.append(entry)
-        for queue in list(self._subscribers):
+        fanout = self._fanout
+        if fanout is None:
+            fanout = self._fanout = tuple(self._subscribers)
+        for queue in fanout:
             try:
                 queue.put_nowait(entry)
             except asyncio.QueueFull:
@@ -91,6 +99,8 @@ class InMemoryTransport(Transport):
         queue = _Queue(self._queue_size)
         if not self._closed:
             self._subscribers.add(queue)
+            self._fanout = None
+            weakref.finalize(queue, self._subscribers_changed)
         replay = self._retained_after(since) if since is not None else []
         return self._iterate(queue, replay, self._seq)
 
@@ -123,6 +133,10 @@ class InMemoryTransport(Transport):
                     yield entry[1]
         finally:
             self._subscribers.discard(queue)
+            self._fanout = None
+
+    def _subscribers_changed(self) -> None:
+        self._fanout = None
 
     def history_is_truncated(self, since: str) -> bool:
         """True for a malformed or foreign ``since``, or one older than the ring keeps.
@@ -154,6 +168,7 @@ class InMemoryTransport(Transport):
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
         self._subscribers.clear()
+        self._fanout = None
 
 
 async def _yield_all(events: list[Event]) -> AsyncIterator[Event]:
