@@ -23,7 +23,7 @@ test: $(STAMP)/system $(STAMP)/installed
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 lint: $(STAMP)/installed
-	ruff check flowtrace tests benchmarks examples
+	ruff check .
 	mypy
 
 bench: $(STAMP)/installed
