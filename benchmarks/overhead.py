@@ -1,0 +1,307 @@
+"""Worker overhead: tasks/s on taskiq's InMemoryBroker with and without instrumentation.
+
+Variants (each in its own fresh process, so that global state — the OpenTelemetry
+tracer provider, prometheus_client's registry and its multiprocess mode — never leaks
+from one variant into another):
+
+- ``bare``: taskiq alone.
+- ``otel_prom``: taskiq's ``OpenTelemetryMiddleware`` + ``PrometheusMiddleware``, an SDK
+  ``TracerProvider`` with a span processor to an ``InMemorySpanExporter``.
+- ``flowtrace``: ``flowtrace.instrument(broker, hooks=...)`` with the same provider
+  (installed globally, so flowtrace uses it as is), events on the default in-memory
+  transport, and a ``HookManager`` with one trivial async hook.
+- ``flowtrace_sync_hook``: the same with a trivial *sync* hook (run on a thread).
+
+Workloads (every one kicks N messages, then awaits every result):
+
+- ``noop``: ``async def noop(): return None``.
+- ``work_1ms``: 1 ms of CPU (a busy loop): what instrumentation costs next to real work.
+- ``pipeline3``: a taskiq-pipelines pipeline of three no-op steps (``PipelineMiddleware``
+  in every variant); pipelines/s.
+
+The parent runs ``rounds`` rounds, each starting every variant once (interleaved, so
+that machine noise hits all of them alike); a child measures each workload ``reps``
+times after one warm-up run. The result is the median over all samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from benchmarks.common import flowtrace_location, free_port, median, run_json_child
+
+VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook")
+WORKLOADS = ("noop", "work_1ms", "pipeline3")
+SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500}
+QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300}
+WINDOW = 100
+"""Messages in flight at most: taskiq's worker default ``--max-async-tasks``."""
+
+
+# --------------------------------------------------------------------------- child
+class _Counter:
+    def __init__(self) -> None:
+        self.events = 0
+
+
+class AsyncHook(_Counter):
+    async def on_event(self, event: Any) -> None:
+        self.events += 1
+
+
+class SyncHook(_Counter):
+    def on_event(self, event: Any) -> None:
+        self.events += 1
+
+
+def _provider(processor: str) -> tuple[Any, Any]:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    if processor == "simple":
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _build(variant: str, processor: str, metrics_dir: str) -> tuple[Any, Any, Any, Any, Any]:
+    """(broker, provider, exporter, hook, middleware); None where a variant has none."""
+    from taskiq import InMemoryBroker
+    from taskiq_pipelines import PipelineMiddleware
+
+    broker = InMemoryBroker(max_stored_results=-1)
+    if variant == "bare":
+        broker.add_middlewares(PipelineMiddleware())
+        return broker, None, None, None, None
+    provider, exporter = _provider(processor)
+    if variant == "otel_prom":
+        # PrometheusMiddleware only starts its HTTP server in a worker process
+        # (``broker.is_worker_process``), which an InMemoryBroker is not; a free port
+        # is given anyway. Its metrics live in ``metrics_dir`` (multiprocess mode).
+        from pathlib import Path
+
+        from taskiq.middlewares import PrometheusMiddleware
+        from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
+
+        broker.add_middlewares(
+            PipelineMiddleware(),
+            OpenTelemetryMiddleware(tracer_provider=provider),
+            PrometheusMiddleware(metrics_path=Path(metrics_dir), server_port=free_port(),
+                                 server_addr="127.0.0.1"),
+        )
+        return broker, provider, exporter, None, None
+    from opentelemetry import trace
+
+    import flowtrace
+
+    trace.set_tracer_provider(provider)  # an installed SDK provider is used as is
+    hook: _Counter = SyncHook() if variant == "flowtrace_sync_hook" else AsyncHook()
+    hooks = flowtrace.HookManager()
+    hooks.add_hook(hook)
+    broker.add_middlewares(PipelineMiddleware())
+    middleware = flowtrace.instrument(broker, hooks=hooks)
+    return broker, provider, exporter, hook, middleware
+
+
+async def _drain(broker: Any) -> None:
+    """Wait until every task the broker started (including later pipeline hops) ended."""
+    running = broker._running_tasks
+    while running:
+        await asyncio.gather(*list(running), return_exceptions=True)
+
+
+async def _kick_windowed(kick: Any, n: int, broker: Any, window: int) -> list[str]:
+    """Kick ``n`` messages keeping at most ``window`` in flight, like a worker's
+    ``--max-async-tasks`` (default 100); returns the ids whose results to check."""
+    running = broker._running_tasks
+    ids = []
+    for _ in range(n):
+        ids.append((await kick()).task_id)
+        if window and len(running) >= window:
+            await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
+    await _drain(broker)
+    return ids
+
+
+async def _hooks_caught_up(hook: Any, hooks: Any, expected: int, timeout: float = 60) -> None:
+    """Hooks run after the task, off its path; the measurement waits for them too."""
+    deadline = time.perf_counter() + timeout
+    while hook.events + hooks.dropped < expected:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"hooks saw {hook.events} of {expected} events")
+        await asyncio.sleep(0.0005)
+
+
+async def _child(variant: str, processor: str, workloads: list[str], sizes: dict[str, int],
+                 reps: int, window: int) -> dict[str, Any]:
+    from taskiq_pipelines import Pipeline
+
+    metrics_dir = tempfile.mkdtemp(prefix="flowtrace-bench-prom-")
+    try:
+        broker, provider, exporter, hook, middleware = _build(variant, processor, metrics_dir)
+
+        @broker.task(task_name="noop")
+        async def noop() -> None:
+            return None
+
+        @broker.task(task_name="work_1ms")
+        async def work_1ms() -> None:
+            end = time.perf_counter() + 0.001
+            while time.perf_counter() < end:
+                pass
+
+        @broker.task(task_name="step")
+        async def step(value: int = 0) -> int:
+            return value + 1
+
+        await broker.startup()
+        backend = broker.result_backend
+
+        async def one(workload: str, n: int) -> dict[str, Any]:
+            backend.results.clear()
+            if exporter is not None:
+                exporter.clear()
+            events_before = hook.events if hook is not None else 0
+            start, cpu_start = time.perf_counter(), time.process_time()
+            published_before = middleware.transport._seq if middleware is not None else 0
+            if workload == "pipeline3":
+                pipe = Pipeline(broker, step).call_next(step).call_next(step)
+                ids = await _kick_windowed(lambda: pipe.kiq(0), n, broker, window)
+            else:
+                task = noop if workload == "noop" else work_1ms
+                ids = await _kick_windowed(task.kiq, n, broker, window)
+            if middleware is not None and hook is not None:
+                published = middleware.transport._seq - published_before
+                await _hooks_caught_up(hook, middleware.hooks, events_before + published)
+            if provider is not None:
+                provider.force_flush()  # the spans' export is part of the work measured
+            elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu_start
+            missing = [i for i in ids if i not in backend.results]
+            errors = sum(1 for i in ids if i in backend.results and backend.results[i].is_err)
+            if missing or errors:
+                raise RuntimeError(f"{variant}/{workload}: {len(missing)} results missing, "
+                                   f"{errors} failed")
+            if workload == "pipeline3":
+                finals = {backend.results[i].return_value for i in ids}
+                if finals != {3}:
+                    raise RuntimeError(f"pipeline results {finals}")
+            return {
+                "per_s": n / elapsed,
+                "per_cpu_s": n / cpu,
+                "spans_per_item": (len(exporter.get_finished_spans()) / n) if exporter else 0,
+                "hook_events_per_item": ((hook.events - events_before) / n) if hook else 0,
+            }
+
+        results: dict[str, Any] = {}
+        for workload in workloads:
+            n = sizes[workload]
+            await one(workload, max(100, n // 5))  # warm-up
+            samples = [await one(workload, n) for _ in range(reps)]
+            results[workload] = {
+                "per_s": [s["per_s"] for s in samples],
+                "per_cpu_s": [s["per_cpu_s"] for s in samples],
+                "spans_per_item": samples[-1]["spans_per_item"],
+                "hook_events_per_item": samples[-1]["hook_events_per_item"],
+            }
+        if middleware is not None:
+            results["flowtrace"] = flowtrace_location()
+            results["dropped"] = dict(middleware.transport.dropped)
+            results["hook_dropped"] = middleware.hooks.dropped
+        await broker.shutdown()
+        return results
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- parent
+def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
+        processor: str = "batch") -> dict[str, Any]:
+    rounds, reps = (2, 1) if quick else (2, 3)
+    sizes = QUICK_SIZES if quick else SIZES
+    metrics = ("per_s", "per_cpu_s")
+    samples: dict[str, dict[str, dict[str, list[float]]]] = {
+        m: {v: {w: [] for w in WORKLOADS} for v in variants} for m in metrics}
+    info: dict[str, dict[str, Any]] = {v: {} for v in variants}
+    for round_index in range(rounds):
+        for variant in variants:
+            print(f"  overhead round {round_index + 1}/{rounds}: {variant}", flush=True)
+            result = run_json_child(
+                ["-m", "benchmarks.overhead", "--child", variant, "--processor", processor,
+                 "--sizes", json.dumps(sizes), "--reps", str(reps)], timeout=600)
+            for workload in WORKLOADS:
+                for metric in metrics:
+                    samples[metric][variant][workload].extend(result[workload][metric])
+                info[variant][workload] = {
+                    "spans_per_item": result[workload]["spans_per_item"],
+                    "hook_events_per_item": result[workload]["hook_events_per_item"],
+                }
+            for key in ("dropped", "hook_dropped", "flowtrace"):
+                if key in result:
+                    info[variant][key] = result[key]
+    medians = {m: {v: {w: median(samples[m][v][w]) for w in WORKLOADS} for v in variants}
+               for m in metrics}
+    ratios: dict[str, Any] = {}
+    if {"bare", "otel_prom", "flowtrace"} <= set(variants):
+        for metric in metrics:
+            med = medians[metric]
+            ratios[metric] = {w: {
+                "flowtrace_vs_bare": med["flowtrace"][w] / med["bare"][w],
+                "flowtrace_vs_otel_prom": med["flowtrace"][w] / med["otel_prom"][w],
+                "otel_prom_vs_bare": med["otel_prom"][w] / med["bare"][w],
+            } for w in WORKLOADS}
+    targets = {}
+    if ratios:
+        noop = ratios["per_s"]["noop"]
+        targets = {
+            "overhead: noop flowtrace >= 2.0x otel_prom": noop["flowtrace_vs_otel_prom"] >= 2.0,
+            "overhead: noop flowtrace >= 0.5x bare": noop["flowtrace_vs_bare"] >= 0.5,
+        }
+    return {
+        "processor": processor,
+        "window": WINDOW,
+        "sizes": sizes,
+        "rounds": rounds,
+        "reps_per_round": reps,
+        "median": medians,
+        "samples": samples,
+        "ratios": ratios,
+        "info": info,
+        "targets": targets,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", choices=VARIANTS)
+    parser.add_argument("--processor", choices=["batch", "simple"], default="batch")
+    parser.add_argument("--sizes", default=json.dumps(SIZES))
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--window", type=int, default=WINDOW)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.child:
+        os.environ.setdefault("OTEL_SDK_DISABLED", "false")
+        result = asyncio.run(_child(args.child, args.processor, args.workloads.split(","),
+                                    json.loads(args.sizes), args.reps, args.window))
+        print(json.dumps(result))
+        return 0
+    print(json.dumps(run(args.quick, processor=args.processor), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
