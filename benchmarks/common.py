@@ -8,9 +8,7 @@ import math
 import os
 import platform
 import resource
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,6 +17,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.support.processes import RedisServer, free_port, port_open
+
+__all__ = ["RedisServer", "free_port", "port_open"]  # shared with the tests' helpers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
@@ -43,20 +45,6 @@ def _prefer_pythonpath() -> None:
 _prefer_pythonpath()
 _CHILD_CWD = Path(tempfile.gettempdir()) / "flowtrace-bench-cwd"
 """Children start in an empty directory so that ``PYTHONPATH`` alone decides what they import."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str,
@@ -145,33 +133,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-class RedisServer:
-    """A private, non-persistent ``redis-server`` on a free port."""
-
-    def __init__(self) -> None:
-        if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="flowtrace-bench-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def __enter__(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: port_open(self.port), 10, "redis-server")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stop_process(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def flowtrace_location() -> str:

@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flowtrace.events import Event, InvalidEvent, parse_event
+from flowtrace.transport.base import Transport
 
 log = logging.getLogger("flowtrace.transport")
 
@@ -253,3 +254,25 @@ class BatchSender:
         if errors:
             log.warning("flowtrace: Redis rejected %d command(s), e.g. %r", len(errors), errors[0])
             self._count_drop("redis_error", len(errors))
+
+
+class SenderBackedTransport(Transport):
+    """What both Redis transports share: one :class:`BatchSender` ships publishes and counts."""
+
+    _sender: BatchSender
+    _client: Redis
+
+    async def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until everything published so far is in Redis.
+
+        False at once while Redis is known to be unreachable, else False on timeout.
+        """
+        return await self._sender.flush(timeout)
+
+    def count_item(self, key: str, failed: bool) -> None:
+        self._sender.submit(count_op(key, failed))
+
+    async def read_counts(self, key: str) -> tuple[int, int]:
+        """Counts in Redis, after shipping this process's own pending increments (≤ 1 s)."""
+        await self._sender.flush(timeout=1.0)
+        return await read_counts(self._client, key)

@@ -14,14 +14,21 @@ from redis.asyncio import Redis
 
 from flowtrace.events import BaseEvent, Event
 from flowtrace.transport import _sender
-from flowtrace.transport._sender import Backoff, BatchSender, Outage, check_cancelled, log
-from flowtrace.transport.base import FROM_BEGINNING, Transport
+from flowtrace.transport._sender import (
+    Backoff,
+    BatchSender,
+    Outage,
+    SenderBackedTransport,
+    check_cancelled,
+    log,
+)
+from flowtrace.transport.base import FROM_BEGINNING
 
 _POLL_S = 1.0
 _CLOSE_WAIT_S = 2.0
 
 
-class RedisPubSubTransport(Transport):
+class RedisPubSubTransport(SenderBackedTransport):
     """Events on one Redis pub/sub channel. The caller owns ``redis_client`` (not closed here)."""
 
     def __init__(self, redis_client: Redis, channel: str = "flowtrace:events", *,
@@ -44,17 +51,6 @@ class RedisPubSubTransport(Transport):
             self._count_drop("unserializable")
             return
         self._sender.submit((("PUBLISH", self.channel, payload),))
-
-    async def flush(self, timeout: float = 2.0) -> bool:
-        return await self._sender.flush(timeout)
-
-    def count_item(self, key: str, failed: bool) -> None:
-        self._sender.submit(_sender.count_op(key, failed))
-
-    async def read_counts(self, key: str) -> tuple[int, int]:
-        """Counts in Redis, after shipping this process's own pending increments (≤ 1 s)."""
-        await self._sender.flush(timeout=1.0)
-        return await _sender.read_counts(self._client, key)
 
     async def close(self) -> None:
         """Ship what is buffered (≤ 2 s) and stop; subscribers end within a second."""

@@ -24,11 +24,12 @@ from flowtrace.transport._sender import (
     Backoff,
     BatchSender,
     Outage,
+    SenderBackedTransport,
     check_cancelled,
     log,
     make_client,
 )
-from flowtrace.transport.base import FROM_BEGINNING, Transport
+from flowtrace.transport.base import FROM_BEGINNING
 
 StreamId = tuple[int, int]
 
@@ -48,7 +49,7 @@ def parse_stream_id(value: str) -> StreamId | None:
     return (ms, seq) if ms <= _MAX_ID_PART and seq <= _MAX_ID_PART else None
 
 
-class RedisStreamTransport(Transport):
+class RedisStreamTransport(SenderBackedTransport):
     """Events in one Redis stream, shared by every worker and gateway.
 
     ``approximate=False`` trims exactly to ``maxlen`` (slower on the server; tests
@@ -87,21 +88,6 @@ class RedisStreamTransport(Transport):
             self._count_drop("unserializable")
             return
         self._sender.submit((("XADD", self.stream, *self._trim, "*", _FIELD, payload),))
-
-    async def flush(self, timeout: float = 2.0) -> bool:
-        """Wait until everything published so far is in Redis.
-
-        False at once while Redis is known to be unreachable, else False on timeout.
-        """
-        return await self._sender.flush(timeout)
-
-    def count_item(self, key: str, failed: bool) -> None:
-        self._sender.submit(_sender.count_op(key, failed))
-
-    async def read_counts(self, key: str) -> tuple[int, int]:
-        """Counts in Redis, after shipping this process's own pending increments (≤ 1 s)."""
-        await self._sender.flush(timeout=1.0)
-        return await _sender.read_counts(self._client, key)
 
     async def close(self) -> None:
         """Ship what is buffered (≤ 2 s), stop the sender, release connections.

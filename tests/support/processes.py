@@ -66,6 +66,14 @@ class RedisServer:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
 
 def test_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
