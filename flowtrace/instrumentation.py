@@ -50,12 +50,22 @@ def instrument(
 
 
 def _serve_metrics_on_startup(broker: AsyncBroker, port: int) -> None:
-    """Serve this process's counters once its worker starts (each worker process binds once)."""
+    """Serve this process's counters when the broker starts (in a worker or a client).
+
+    Not at import: ``taskiq worker --workers N`` imports the module in every process,
+    and only the started ones should bind.
+    """
+    started = False
 
     def start(_: TaskiqState) -> None:
+        nonlocal started
+        if started:
+            return
+        started = True
         try:
             metrics.serve_process_metrics(port)
         except OSError as exc:
             logger.warning("flowtrace: metrics port %s unavailable (%s)", port, exc)
 
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, start)
+    broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, start)

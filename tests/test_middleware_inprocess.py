@@ -431,3 +431,35 @@ async def test_pipeline_id_is_what_kiq_returns_and_kicker_publishes_start_first(
         await collector.wait_terminal(kicked.task_id)
     finally:
         await broker.shutdown()
+
+
+async def test_metrics_port_serves_this_process_counters() -> None:
+    import httpx
+
+    from tests.support.processes import free_port
+
+    port = free_port()
+    hooks = HookManager()
+    hooks.add_hook(RaisingHook())
+    broker = InMemoryBroker()
+    flowtrace.instrument(broker, hooks=hooks, metrics_port=port)
+
+    @broker.task(task_name="metered")
+    async def metered() -> int:
+        return 1
+
+    await broker.startup()
+    try:
+        await (await metered.kiq()).wait_result(timeout=5)
+
+        async def exposed() -> bool:
+            async with httpx.AsyncClient() as client:
+                try:
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                except httpx.HTTPError:
+                    return False
+            return 'flowtrace_hook_errors_total{hook="RaisingHook"}' in text
+
+        await async_wait_until(exposed, message="hook errors on the metrics port")
+    finally:
+        await broker.shutdown()
