@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-import time
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -310,23 +310,29 @@ class RaisingHook:
 
 
 class SlowHook:
+    """An async hook stuck on its first event until the test releases it."""
+
     def __init__(self) -> None:
         self.started = asyncio.Event()
+        self.release = asyncio.Event()
         self.seen = 0
 
     async def on_event(self, event: Any) -> None:
         self.started.set()
-        await asyncio.sleep(5)
+        await self.release.wait()
         self.seen += 1
 
 
 class BlockingSyncHook:
+    """A sync hook that blocks its thread until the test releases it."""
+
     def __init__(self) -> None:
         self.calls = 0
+        self.release = threading.Event()
 
     def on_event(self, event: Any) -> None:
         self.calls += 1
-        time.sleep(5)
+        self.release.wait(timeout=60)
 
 
 async def test_raising_and_slow_hooks_never_slow_or_fail_tasks() -> None:
@@ -350,7 +356,13 @@ async def test_raising_and_slow_hooks_never_slow_or_fail_tasks() -> None:
         await async_wait_until(
             lambda: metrics.HOOK_ERRORS.labels(hook="RaisingHook")._value.get() >= before + 2,
             message="hook errors counted")
+        slow.release.set()
+        blocking.release.set()
+        await async_wait_until(lambda: slow.seen > 0 and blocking.calls > 1,
+                               message="released hooks to go on")
     finally:
+        slow.release.set()
+        blocking.release.set()
         await broker.shutdown()
 
 
@@ -375,6 +387,7 @@ async def test_hook_backlog_is_bounded_and_overflow_counted() -> None:
         assert dropped >= 40 - 6
         assert hooks.dropped == dropped
     finally:
+        slow.release.set()
         await broker.shutdown()
 
 

@@ -9,6 +9,7 @@ retries with exponential backoff and logs once per outage.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -20,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from flowtrace.events import Event, InvalidEvent, parse_event
+from flowtrace.events import BaseEvent, Event, InvalidEvent, parse_event
 from flowtrace.transport.base import Transport
 
 log = logging.getLogger("flowtrace.transport")
@@ -261,6 +262,26 @@ class SenderBackedTransport(Transport):
 
     _sender: BatchSender
     _client: Redis
+
+    def _start_sender(self, client: Redis, what: str, buffer_size: int,
+                      batch_size: int) -> None:
+        self._client = client
+        self._sender = BatchSender(client, what=what, buffer_size=buffer_size,
+                                   batch_size=batch_size, count_drop=self._count_drop)
+
+    @abc.abstractmethod
+    def _publish_command(self, payload: str) -> Command:
+        """The Redis command that publishes one event's JSON."""
+
+    async def publish(self, event: BaseEvent) -> None:
+        """Buffer ``event`` for the background sender; never waits on Redis."""
+        try:
+            payload = event.model_dump_json()
+        except Exception as exc:  # noqa: BLE001 - publish never raises into the caller
+            log.warning("flowtrace: dropping unserializable %s: %r", type(event).__name__, exc)
+            self._count_drop("unserializable")
+            return
+        self._sender.submit((self._publish_command(payload),))
 
     async def flush(self, timeout: float = 2.0) -> bool:
         """Wait until everything published so far is in Redis.

@@ -12,15 +12,13 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
-from flowtrace.events import BaseEvent, Event
+from flowtrace.events import Event
 from flowtrace.transport import _sender
 from flowtrace.transport._sender import (
     Backoff,
-    BatchSender,
     Outage,
     SenderBackedTransport,
     check_cancelled,
-    log,
 )
 from flowtrace.transport.base import FROM_BEGINNING
 
@@ -35,22 +33,13 @@ class RedisPubSubTransport(SenderBackedTransport):
                  buffer_size: int = 10_000, batch_size: int = 500) -> None:
         super().__init__()
         self.channel = channel
-        self._client = redis_client
-        self._sender = BatchSender(redis_client, what=f"flowtrace publisher ({channel})",
-                                   buffer_size=buffer_size, batch_size=batch_size,
-                                   count_drop=self._count_drop)
+        self._start_sender(redis_client, f"flowtrace publisher ({channel})", buffer_size,
+                           batch_size)
         self._seq = 0
         self._closed = False
 
-    async def publish(self, event: BaseEvent) -> None:
-        """Buffer ``event`` for the background sender; never waits on Redis."""
-        try:
-            payload = event.model_dump_json()
-        except Exception as exc:  # noqa: BLE001 - publish never raises into the caller
-            log.warning("flowtrace: dropping unserializable %s: %r", type(event).__name__, exc)
-            self._count_drop("unserializable")
-            return
-        self._sender.submit((("PUBLISH", self.channel, payload),))
+    def _publish_command(self, payload: str) -> _sender.Command:
+        return ("PUBLISH", self.channel, payload)
 
     async def close(self) -> None:
         """Ship what is buffered (≤ 2 s) and stop; subscribers end within a second."""

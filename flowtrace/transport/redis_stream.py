@@ -18,11 +18,10 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from flowtrace.events import BaseEvent, Event
+from flowtrace.events import Event
 from flowtrace.transport import _sender
 from flowtrace.transport._sender import (
     Backoff,
-    BatchSender,
     Outage,
     SenderBackedTransport,
     check_cancelled,
@@ -71,23 +70,14 @@ class RedisStreamTransport(SenderBackedTransport):
         self._socket_timeout = socket_timeout
         self._trim: tuple[str | int, ...] = (
             ("MAXLEN", "~", maxlen) if approximate else ("MAXLEN", maxlen))
-        self._client = make_client(url, socket_timeout)
-        self._sender = BatchSender(self._client, what=f"flowtrace publisher ({stream})",
-                                   buffer_size=buffer_size, batch_size=batch_size,
-                                   count_drop=self._count_drop)
+        self._start_sender(make_client(url, socket_timeout), f"flowtrace publisher ({stream})",
+                           buffer_size, batch_size)
         self._closed = False
 
     # -- publishing -------------------------------------------------------------
 
-    async def publish(self, event: BaseEvent) -> None:
-        """Buffer ``event`` for the background sender; never waits on Redis."""
-        try:
-            payload = event.model_dump_json()
-        except Exception as exc:  # noqa: BLE001 - publish never raises into the caller
-            log.warning("flowtrace: dropping unserializable %s: %r", type(event).__name__, exc)
-            self._count_drop("unserializable")
-            return
-        self._sender.submit((("XADD", self.stream, *self._trim, "*", _FIELD, payload),))
+    def _publish_command(self, payload: str) -> _sender.Command:
+        return ("XADD", self.stream, *self._trim, "*", _FIELD, payload)
 
     async def close(self) -> None:
         """Ship what is buffered (≤ 2 s), stop the sender, release connections.
