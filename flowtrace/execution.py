@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from taskiq import TaskiqMessage
@@ -49,7 +49,6 @@ class Execution:
     started_wall_ns: int
     started_perf_ns: int
     span: SpanRecord | None = None
-    root: SpanRecord | None = None
     fan_out: StepContext | None = None
     """The map/filter step this message belongs to (items, waiter)."""
     next_fan_out: StepContext | None = None
@@ -64,7 +63,6 @@ class Execution:
     result_preview: Any = None
     duration_ms: float = 0.0
     monitor: ProgressMonitor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def task_id(self) -> str:

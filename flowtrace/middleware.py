@@ -109,6 +109,22 @@ def _label_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _step_attributes(run: RunContext, name: str, index: int, attempt: int,
+                     task_id: str) -> dict[str, Any]:
+    """SPEC §4's attributes of a step (and item) span: messaging conventions + flowtrace."""
+    return {
+        "messaging.system": "taskiq",
+        "messaging.operation.type": "process",
+        "messaging.message.id": task_id,
+        "flowtrace.pipeline.id": run.pipeline_id,
+        "flowtrace.pipeline.name": run.name,
+        "flowtrace.pipeline.type": run.type,
+        "flowtrace.step.index": index,
+        "flowtrace.step.name": name,
+        "flowtrace.step.attempt": attempt,
+    }
+
+
 class _ErrorCapture(TaskiqMiddleware):
     """Sits last so that its ``on_error`` runs first, before any retry is kicked."""
 
@@ -377,6 +393,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             await self._emit_pipeline_start(run, message, steps)
         execution.span = self._execution_span(execution, now_wall)
         if execution.span is not None:
+            # User spans in the task nest under the step. Never detached: taskiq runs each
+            # message in its own asyncio task, whose context ends with it.
             otel_context.attach(trace.set_span_in_context(execution.span.as_current()))
         if role is Role.STEP or (role is Role.WAITER and fan_out is None):
             await self._emit_step_start(execution, labels, now_wall)
@@ -402,12 +420,15 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             span = SpanRecord(execution.message.task_name, run.trace_id, new_span_id(),
                               fan_out.span_id, now, run.sampled, SpanKind.CONSUMER)
             if run.sampled:
-                span.attributes.update(self._span_attributes(execution))
+                span.attributes.update(_step_attributes(
+                    run, execution.step_name, execution.step_index, execution.attempt,
+                    execution.task_id))
                 span.attributes["flowtrace.item.index"] = fan_out.item_index
             return span
         if execution.role is Role.WAITER and fan_out is not None:
             waiter_span = self._step_span(run, execution.step_name, execution.step_index, 1,
-                                   execution.task_id, fan_out.started_ns, fan_out.span_id)
+                                          execution.task_id, fan_out.started_ns,
+                                          fan_out.span_id)
             if waiter_span is not None:  # its StepStartEvent was emitted by the kicking process
                 waiter_span.add_event("StepStartEvent", {
                     "flowtrace.pipeline_id": run.pipeline_id,
@@ -426,32 +447,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         span = SpanRecord(name, run.trace_id, span_id, run.root_span_id, start_ns, run.sampled,
                           SpanKind.CONSUMER)
         if run.sampled:
-            span.attributes.update({
-                "messaging.system": "taskiq",
-                "messaging.operation.type": "process",
-                "messaging.message.id": task_id,
-                "flowtrace.pipeline.id": run.pipeline_id,
-                "flowtrace.pipeline.name": run.name,
-                "flowtrace.pipeline.type": run.type,
-                "flowtrace.step.index": index,
-                "flowtrace.step.name": name,
-                "flowtrace.step.attempt": attempt,
-            })
+            span.attributes.update(_step_attributes(run, name, index, attempt, task_id))
         return span
-
-    def _span_attributes(self, execution: Execution) -> dict[str, Any]:
-        run = execution.run
-        return {
-            "messaging.system": "taskiq",
-            "messaging.operation.type": "process",
-            "messaging.message.id": execution.task_id,
-            "flowtrace.pipeline.id": run.pipeline_id,
-            "flowtrace.pipeline.name": run.name,
-            "flowtrace.pipeline.type": run.type,
-            "flowtrace.step.index": execution.step_index,
-            "flowtrace.step.name": execution.step_name,
-            "flowtrace.step.attempt": execution.attempt,
-        }
 
     @staticmethod
     def _common(run: RunContext, span: SpanRecord | None) -> dict[str, Any]:
@@ -479,7 +476,6 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _start_monitor(self, execution: Execution, message: TaskiqMessage) -> None:
         task_ids = message.args[0] if message.args else message.kwargs.get("task_ids", [])
         total = len(task_ids) if isinstance(task_ids, list) else 0
-        execution.extra["total"] = total
 
         async def report(done: int, failed: int) -> None:
             event = StepProgressEvent(

@@ -38,6 +38,7 @@ from tests.support.fleet import StreamCollector
 from tests.support.otlp_fixture import otlp_receiver
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support.processes import RedisServer, Workers, test_env
+from tests.support.trace_checks import assert_events_match_spans
 from tests.support.waiting import async_wait_until
 
 __all__ = ["otlp_receiver"]  # the fixture, used by name
@@ -310,21 +311,6 @@ def check_trace(spans: list[ReceivedSpan], pipeline_id: str, name: str,
     return root, step_spans
 
 
-def check_event_ids(events: list[Any], spans: list[ReceivedSpan],
-                    root: ReceivedSpan) -> None:
-    """SPEC §3: every event carries its run's trace id and the id of the span it is on."""
-    by_id = {s.span_id: s for s in spans if s.trace_id == root.trace_id}
-    for event in events:
-        assert event.trace_id == root.trace_id, event
-        span = by_id.get(event.span_id or "")
-        assert span is not None, f"{event!r}: no span {event.span_id} in the trace"
-        if event.type.startswith("Pipeline"):
-            assert span is root, event
-        else:
-            assert span.parent_span_id == root.span_id, event
-            assert span.attributes["flowtrace.step.index"] == event.step_index, event
-
-
 # Tests ----------------------------------------------------------------------------------
 
 
@@ -410,16 +396,16 @@ async def test_runs_give_the_same_events_and_traces_as_on_redis(
             range(ITEMS))
         assert (step.attributes["flowtrace.step.done"], step.attributes["flowtrace.step.total"]
                 ) == (ITEMS, ITEMS)
-    check_event_ids(events["fleet-etl"], spans, root)
+    assert_events_match_spans(events["fleet-etl"], spans, root)
 
     root, steps = check_trace(spans, ids["bad"], "bad", [("extract", 0), ("explode", 1)])
-    check_event_ids(events["bad"], spans, root)
+    assert_events_match_spans(events["bad"], spans, root)
     assert root.status_code == "ERROR" and steps[1].status_code == "ERROR"
     assert "exception" in [e.name for e in steps[1].events]
 
     root, steps = check_trace(spans, ids["retry"], "retry",
                               [("extract", 0), ("flaky", 1), ("flaky", 1)])
-    check_event_ids(events["retry"], spans, root)
+    assert_events_match_spans(events["retry"], spans, root)
     assert root.status_code != "ERROR"
     assert [s.attributes["flowtrace.step.attempt"] for s in steps[1:]] == [1, 2]
     assert steps[1].status_code == "ERROR"

@@ -20,14 +20,6 @@ FLOWTRACE_ERROR = re.compile(r"\[flowtrace[\w.]*\]\[(ERROR|CRITICAL)")
 
 
 @pytest.fixture
-def events_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
 def workers(redis_server: RedisServer, events_redis: RedisServer) -> Iterator[Workers]:
     group = Workers("tests.fleet_app.spine_worker:broker",
                     test_env(TEST_REDIS_URL=redis_server.url,

@@ -99,16 +99,6 @@ async def wait_stream_terminals(url: str, ids: set[str], timeout: float = 90) ->
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture
-def events_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture
 def workers(redis_server: RedisServer, events_redis: RedisServer) -> Iterator[Workers]:
     group = Workers("tests.fleet_app.spine_worker:broker",
                     test_env(TEST_REDIS_URL=redis_server.url, FLOWTRACE_REDIS_URL=events_redis.url),

@@ -33,7 +33,6 @@ from taskiq_pipelines import Pipeline, PipelineMiddleware
 
 import flowtrace
 from flowtrace.events import (
-    BaseEvent,
     Event,
     PipelineCompleteEvent,
     PipelineErrorEvent,
@@ -47,10 +46,12 @@ from flowtrace.middleware import FlowtraceMiddleware
 from flowtrace.transport import RedisStreamTransport
 from flowtrace.transport.base import FROM_BEGINNING
 from tests.fleet_app.tracing_worker import make_broker, register_tasks
+from tests.support.collect import Collector
 from tests.support.otlp_fixture import otlp_receiver
 from tests.support.otlp_receiver import OtlpReceiver, Protocol, ReceivedSpan
 from tests.support.processes import RedisServer, Workers, free_port
 from tests.support.processes import test_env as process_env
+from tests.support.trace_checks import assert_events_match_spans, event_names
 from tests.support.waiting import async_wait_until
 
 __all__ = ["otlp_receiver"]  # the fixture, used by name
@@ -200,10 +201,6 @@ def children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> list[ReceivedSp
     return sorted(found, key=lambda s: s.start_ns)
 
 
-def event_names(span: ReceivedSpan) -> list[str]:
-    return [e.name for e in span.events]
-
-
 def span_event(span: ReceivedSpan, name: str) -> dict[str, Any]:
     matching = [e for e in span.events if e.name == name]
     assert len(matching) == 1, f"{span.describe()}: expected one {name} event"
@@ -244,27 +241,6 @@ def assert_step_span(span: ReceivedSpan, root: ReceivedSpan, *, name: str, index
 def assert_within(outer: ReceivedSpan, inner: ReceivedSpan) -> None:
     assert outer.start_ns <= inner.start_ns, f"{inner.describe()} starts before its parent"
     assert inner.end_ns <= outer.end_ns, f"{inner.describe()} ends after its parent"
-
-
-def assert_events_match_spans(events: list[Event], spans: list[ReceivedSpan],
-                              root: ReceivedSpan) -> None:
-    """SPEC §3: each event's ``trace_id``/``span_id`` are those of the span it belongs to."""
-    by_id = {s.span_id: s for s in spans if s.trace_id == root.trace_id}
-    for event in events:
-        assert event.trace_id == root.trace_id, event
-        span = by_id.get(event.span_id or "")
-        assert span is not None, f"{event!r}: no span {event.span_id} in the trace"
-        if isinstance(event, (PipelineStartEvent, PipelineCompleteEvent, PipelineErrorEvent)):
-            assert span is root, event
-            continue
-        assert isinstance(event, (StepStartEvent, StepProgressEvent, StepCompleteEvent,
-                                  StepErrorEvent))
-        assert span.parent_span_id == root.span_id, event
-        assert span.attributes["flowtrace.step.index"] == event.step_index, event
-        assert span.attributes["flowtrace.step.name"] == event.step_name, event
-        if not isinstance(event, StepProgressEvent):
-            assert span.attributes["flowtrace.step.attempt"] == event.attempt, event
-            assert event.type in event_names(span), event
 
 
 # Across worker processes -----------------------------------------------------------
@@ -564,28 +540,12 @@ async def test_an_unreachable_or_slow_receiver_never_holds_up_runs(
 # In one process --------------------------------------------------------------------
 
 
-class Collect:
-    """A hook that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[BaseEvent] = []
-
-    def on_event(self, event: BaseEvent) -> None:
-        self.events.append(event)
-
-    def of(self, pipeline_id: str) -> list[BaseEvent]:
-        return [e for e in self.events if e.pipeline_id == pipeline_id]
-
-    def finished(self, pipeline_id: str) -> bool:
-        return any(isinstance(e, TERMINAL) for e in self.of(pipeline_id))
-
-
 @asynccontextmanager
-async def in_memory(provider: TracerProvider) -> AsyncIterator[tuple[Kicker, Collect]]:
+async def in_memory(provider: TracerProvider) -> AsyncIterator[tuple[Kicker, Collector]]:
     broker = InMemoryBroker(await_inplace=False)
     broker.add_middlewares(PipelineMiddleware(), SimpleRetryMiddleware(default_retry_count=3))
     register_tasks(broker)
-    hook = Collect()
+    hook = Collector()
     broker.add_middlewares(FlowtraceMiddleware(hooks=[hook], tracer_provider=provider))
     await broker.startup()
     try:

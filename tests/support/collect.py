@@ -20,6 +20,9 @@ class Collector:
     def of(self, pipeline_id: str) -> list[BaseEvent]:
         return [e for e in self.events if e.pipeline_id == pipeline_id]
 
+    def finished(self, pipeline_id: str) -> bool:
+        return any(e.type in TERMINAL_TYPES for e in self.of(pipeline_id))  # type: ignore[attr-defined]
+
     async def wait_terminal(self, pipeline_id: str, timeout: float = 20) -> list[BaseEvent]:
         await async_wait_until(
             lambda: any(e.type in TERMINAL_TYPES for e in self.of(pipeline_id)),  # type: ignore[attr-defined]
