@@ -1,7 +1,8 @@
 """Turns what the middleware observed into events: previews, span events, fan-out.
 
-Every event goes to the in-process hooks (non-blocking) and to the transport
-(buffered, non-blocking); the event's span gets it as a span event.
+Every event goes to the in-process hooks and to the transport, both without
+waiting; the event's span gets it as a span event (its attributes are taken
+from the event when the span ends).
 """
 
 from __future__ import annotations
@@ -19,16 +20,21 @@ from flowtrace.transport.base import Transport
 
 logger = logging.getLogger("flowtrace")
 
-_SPAN_EVENT_SKIP = frozenset({"type", "id", "timestamp", "trace_id", "span_id", "input", "result"})
+_this_worker = ""
 
 
-def span_event_attributes(event: BaseEvent) -> dict[str, Any]:
-    """The event's scalar fields, prefixed ``flowtrace.``."""
-    return {
-        f"flowtrace.{name}": value
-        for name, value in event.__dict__.items()
-        if name not in _SPAN_EVENT_SKIP and isinstance(value, (str, int, float, bool))
-    }
+def _identify_worker() -> str:
+    global _this_worker
+    _this_worker = f"{socket.gethostname()}:{os.getpid()}"
+    return _this_worker
+
+
+def _forget_worker() -> None:
+    global _this_worker
+    _this_worker = ""
+
+
+os.register_at_fork(after_in_child=_forget_worker)
 
 
 class Emitter:
@@ -39,7 +45,6 @@ class Emitter:
         self.capture_payloads = capture_payloads
         self.max_payload_bytes = max_payload_bytes
         self.redact = redact
-        self._worker: tuple[int, str] | None = None
 
     def payload(self, value: Any) -> Any:
         """A bounded, JSON-safe, redacted preview of a task's input or result."""
@@ -55,15 +60,13 @@ class Emitter:
 
     @property
     def worker(self) -> str:
-        """``host:pid`` of this process (recomputed after a fork)."""
-        pid = os.getpid()
-        if self._worker is None or self._worker[0] != pid:
-            self._worker = (pid, f"{socket.gethostname()}:{pid}")
-        return self._worker[1]
+        """``host:pid`` of this process (taskiq forks its workers: recomputed after a fork)."""
+        return _this_worker or _identify_worker()
 
-    async def emit(self, event: BaseEvent, span: SpanRecord | None, time_ns: int) -> None:
+    def emit(self, event: BaseEvent, span: SpanRecord | None, time_ns: int) -> None:
+        """Hand ``event`` to its span, the hooks and the transport; never waits."""
         if span is not None and span.sampled:
-            span.add_event(event.__class__.__name__, span_event_attributes(event), time_ns)
+            span.events.append((event.__class__.__name__, event, time_ns))
         if self.hooks is not None:
             self.hooks.emit_nowait(event)
-        await self.transport.publish(event)
+        self.transport.publish_nowait(event)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from typing_extensions import Self
 
 PipelineType = Literal["sequential", "task", "dataflow"]
 
@@ -27,6 +28,19 @@ class InvalidEvent(ValueError):
     """Raised by :func:`parse_event` for data that is not a flowtrace event."""
 
 
+def _slot_setter(name: str) -> Any:
+    """The setter of one of pydantic's instance slots (what ``model_construct`` fills)."""
+    descriptor = BaseModel.__dict__.get(name)
+    return descriptor.__set__ if descriptor is not None else None
+
+
+_set_dict = _slot_setter("__dict__")
+_set_fields_set = _slot_setter("__pydantic_fields_set__")
+_set_extra = _slot_setter("__pydantic_extra__")
+_set_private = _slot_setter("__pydantic_private__")
+_FAST_PATH = None not in (_set_dict, _set_fields_set, _set_extra, _set_private)
+
+
 class BaseEvent(BaseModel):
     """Fields every event carries."""
 
@@ -40,12 +54,33 @@ class BaseEvent(BaseModel):
     trace_id: str | None = None
     span_id: str | None = None
 
+    _template: ClassVar[dict[str, Any] | None] = None
+    _field_names: ClassVar[set[str]] = set()
+
     @field_validator("timestamp")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+    @classmethod
+    def trusted(cls, values: dict[str, Any]) -> Self:
+        """Build an event from values flowtrace produced itself, without validating them.
+
+        The middleware's hot path: validation costs more than the rest of an event.
+        ``timestamp`` (aware UTC) and every field without a plain default must be in
+        ``values``. Falls back to validation if this pydantic lays models out differently.
+        """
+        template = cls._template
+        if template is None:
+            return cls(**values)
+        event = cls.__new__(cls)
+        _set_dict(event, {**template, **values})  # declared order: serialisation follows it
+        _set_fields_set(event, cls._field_names.copy())  # a trusted event sets every field
+        _set_extra(event, None)
+        _set_private(event, None)
+        return event
 
 
 class PipelineStartEvent(BaseEvent):
@@ -137,6 +172,35 @@ EVENT_CLASSES: dict[str, type[BaseEvent]] = {
     )
 }
 EVENT_TYPES: tuple[str, ...] = tuple(EVENT_CLASSES)
+
+
+def _enable_trusted_construction(cls: type[BaseEvent]) -> None:
+    """Use :meth:`BaseEvent.trusted`'s fast path for ``cls`` if it builds what validation does."""
+    fields = cls.model_fields
+    # Every field, in declared order; required and factory-made ones are given by callers.
+    template = {
+        name: None if field.is_required() or field.default_factory else field.default
+        for name, field in fields.items()
+    }
+    sample: dict[str, Any] = {name: "x" for name, field in fields.items() if field.is_required()}
+    sample["timestamp"] = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    if "steps" in cls.model_fields:
+        sample["steps"] = ["a"]
+    if not _FAST_PATH:
+        return
+    try:
+        cls._template = template
+        cls._field_names = set(template)
+        fast = cls.trusted(sample)
+        same = fast.model_dump_json() == cls(**sample).model_dump_json() and fast == cls(**sample)
+    except Exception:  # noqa: BLE001 - any surprise: keep validating
+        same = False
+    if not same:
+        cls._template = None
+
+
+for _cls in EVENT_CLASSES.values():
+    _enable_trusted_construction(_cls)
 TERMINAL_TYPES = frozenset({"PipelineCompleteEvent", "PipelineErrorEvent"})
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

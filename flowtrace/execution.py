@@ -63,6 +63,10 @@ class Execution:
     result_preview: Any = None
     duration_ms: float = 0.0
     monitor: ProgressMonitor | None = None
+    event_ids: dict[str, Any] | None = None
+    """The ids every event of this step carries (see ``FlowtraceMiddleware._step_ids``)."""
+    span_ends_run: bool = False
+    """A plain task's span: it also carries the run's end (and, on attempt 1, is its root)."""
 
     @property
     def task_id(self) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,47 +68,68 @@ class EventFilter:
 
 
 class _Subscription:
-    """One hook object with its filter, queue and worker."""
+    """One hook object with its filter, backlog and worker.
+
+    The backlog is a plain deque: offering an event is an append, and the worker
+    is woken (one future) only when it waits for an empty backlog.
+    """
 
     def __init__(self, hook: Any, event_filter: EventFilter | None, backlog: int) -> None:
         self.hook = hook
         self.filter = event_filter
         self.name = type(hook).__name__
         self.backlog = backlog
-        self.queue: asyncio.Queue[BaseEvent] | None = None
+        self.pending: deque[BaseEvent] = deque()
+        self.delivering = 0
         self.worker: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._idle: asyncio.Event | None = None
         self._method_cache: dict[str, list[tuple[str, Any, bool]]] = {}
-
-    def wants(self, event: BaseEvent) -> bool:
-        return self.filter is None or self.filter.matches(event)
 
     def offer(self, event: BaseEvent, loop: asyncio.AbstractEventLoop) -> bool:
         if self.loop is not loop or self.worker is None or self.worker.done():
             self._start(loop)
-        assert self.queue is not None
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self.pending) >= self.backlog:
             return False
+        self.pending.append(event)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
         return True
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.loop is not loop:
+            self.pending.clear()  # events of a finished loop (a test's, say) are not delivered
         self.loop = loop
-        self.queue = asyncio.Queue(self.backlog)
-        self.worker = loop.create_task(self._drain(self.queue), name=f"flowtrace-hook-{self.name}")
+        self._wakeup = None
+        self._idle = asyncio.Event()
+        self.worker = loop.create_task(self._drain(), name=f"flowtrace-hook-{self.name}")
 
-    async def _drain(self, queue: asyncio.Queue[BaseEvent]) -> None:
+    async def _drain(self) -> None:
+        pending, idle = self.pending, self._idle
+        assert self.loop is not None and idle is not None
         while True:
-            batch = [await queue.get()]
-            while len(batch) < _BATCH and not queue.empty():
-                batch.append(queue.get_nowait())
+            if not pending:
+                idle.set()
+                self._wakeup = self.loop.create_future()
+                await self._wakeup
+                continue
+            idle.clear()
+            batch = [pending.popleft() for _ in range(min(_BATCH, len(pending)))]
+            self.delivering = len(batch)
             try:
                 await self._deliver(batch)
             finally:
-                for _ in batch:
-                    queue.task_done()
+                self.delivering = 0
+
+    async def _until_idle(self, idle: asyncio.Event) -> None:
+        while self.queued:
+            idle.clear()
+            await idle.wait()
 
     def _methods(self, event_type: str) -> list[tuple[str, Any, bool]]:
         """``(name, bound method, is_async)`` to call for ``event_type``, looked up once."""
@@ -156,10 +178,16 @@ class _Subscription:
             except Exception:  # noqa: BLE001 - logged and counted by _failed
                 self._failed(name)
 
+    @property
+    def queued(self) -> int:
+        """Events offered and not yet fully delivered."""
+        return len(self.pending) + self.delivering
+
     async def close(self, timeout: float) -> None:
-        if self.queue is not None and self.worker is not None and not self.worker.done():
+        idle = self._idle
+        if idle is not None and self.worker is not None and not self.worker.done():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.queue.join(), timeout)
+                await asyncio.wait_for(self._until_idle(idle), timeout)
         if self.worker is not None:
             self.worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, RuntimeError):
@@ -209,7 +237,8 @@ class HookManager:
             self._drop("no_event_loop")
             return
         for subscription in self._subscriptions:
-            if subscription.wants(event) and not subscription.offer(event, loop):
+            wanted = subscription.filter is None or subscription.filter.matches(event)
+            if wanted and not subscription.offer(event, loop):
                 self._drop("hook_backlog")
 
     async def dispatch(self, event: BaseEvent) -> None:

@@ -8,8 +8,7 @@ and formatter carries them unchanged.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
-from functools import cached_property
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 RUN_LABEL = "flowtrace_run"
@@ -22,9 +21,9 @@ NAME_LABEL = "flowtrace_pipeline_name"
 """Set by :class:`flowtrace.Pipeline` on every step so the name survives uninstrumented kickers."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=True)
 class RunContext:
-    """A run as every process of it sees it (immutable; its label text is computed once)."""
+    """A run as every process of it sees it. Treated as immutable: build a new one to change it."""
 
     pipeline_id: str
     name: str
@@ -34,30 +33,32 @@ class RunContext:
     root_span_id: int = 0
     parent_span_id: int = 0
     sampled: bool = False
+    _label: str | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> str:
-        return self._encoded
-
-    @cached_property
-    def _encoded(self) -> str:
-        return json.dumps(
-            [self.pipeline_id, self.name, self.type, self.started_ns, f"{self.trace_id:032x}",
-             f"{self.root_span_id:016x}", f"{self.parent_span_id:016x}", int(self.sampled)],
-            separators=(",", ":"),
-        )
+        """The label text (computed once)."""
+        if self._label is None:
+            # The JSON array json.dumps would write, built directly: this runs once per kick.
+            self._label = (
+                f"[{_json_str(self.pipeline_id)},{_json_str(self.name)},{_json_str(self.type)},"
+                f'{self.started_ns},"{self.trace_id:032x}","{self.root_span_id:016x}",'
+                f'"{self.parent_span_id:016x}",{int(self.sampled)}]'
+            )
+        return self._label
 
     @classmethod
     def decode(cls, text: Any) -> RunContext | None:
         """The context in a label, or None when absent or unreadable."""
         try:
-            pid, name, kind, started, tid, rsid, psid, sampled = json.loads(_text(text))
+            label = _text(text)
+            pid, name, kind, started, tid, rsid, psid, sampled = _json_array(label)
             return cls(str(pid), str(name), str(kind), int(started), int(tid, 16),
-                       int(rsid, 16), int(psid, 16), bool(sampled))
+                       int(rsid, 16), int(psid, 16), bool(sampled), label)
         except (TypeError, ValueError):
             return None
 
     def with_name(self, name: str) -> RunContext:
-        return replace(self, name=name)
+        return replace(self, name=name, _label=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +78,25 @@ class StepContext:
     @classmethod
     def decode(cls, text: Any) -> StepContext | None:
         try:
-            index, span_id, started, total, item = json.loads(_text(text))
+            index, span_id, started, total, item = _json_array(_text(text))
             return cls(int(index), int(span_id, 16), int(started), int(total), int(item))
         except (TypeError, ValueError):
             return None
+
+
+_json_str = json.encoder.encode_basestring_ascii
+_scan_json = json.decoder.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _json_array(text: str) -> list[Any]:
+    """A label's JSON array, read by the C scanner alone (``json.loads`` costs twice as much)."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration as exc:
+        raise ValueError("label is not JSON") from exc
+    if end != len(text) or not isinstance(value, list):
+        raise ValueError("label is not a JSON array")
+    return value
 
 
 def _text(value: Any) -> str:

@@ -15,8 +15,10 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime, timezone
+from types import CoroutineType
+from typing import Any, TypeAlias, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -74,20 +76,42 @@ logger = logging.getLogger("flowtrace")
 WAITER_TASKS = frozenset({MAP_WAITER, FILTER_WAITER})
 _PIPELINES_LOGGER = "taskiq_pipelines.middleware"
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+MaybeAwaitable: TypeAlias = "T | Coroutine[Any, Any, T]"
+"""What a hook returns: taskiq awaits a coroutine and takes anything else as is.
+
+The hooks do their work synchronously and return a coroutine only when they must
+wait (a transport flush before a pipeline hop, a map step's Redis counters): on a
+plain task nothing of flowtrace is awaited at all.
+"""
 
 
 def _never_raises(default_arg: int | None = None) -> Callable[[F], F]:
     """flowtrace must never fail the task it observes: log and carry on."""
 
     def decorate(method: F) -> F:
-        @functools.wraps(method)
-        async def guarded(self: Any, *args: Any) -> Any:
+        name = method.__name__
+
+        def default(args: tuple[Any, ...]) -> Any:
+            return args[default_arg] if default_arg is not None else None
+
+        async def guard(coroutine: Coroutine[Any, Any, Any], args: tuple[Any, ...]) -> Any:
             try:
-                return await method(self, *args)
+                return await coroutine
             except Exception:
-                logger.exception("flowtrace: %s failed; the task is unaffected", method.__name__)
-                return args[default_arg] if default_arg is not None else None
+                logger.exception("flowtrace: %s failed; the task is unaffected", name)
+                return default(args)
+
+        @functools.wraps(method)
+        def guarded(self: Any, *args: Any) -> Any:
+            try:
+                outcome = method(self, *args)
+            except Exception:
+                logger.exception("flowtrace: %s failed; the task is unaffected", name)
+                return default(args)
+            return guard(outcome, args) if isinstance(outcome, CoroutineType) else outcome
 
         return guarded  # type: ignore[return-value]
 
@@ -98,9 +122,13 @@ def _call_input(args: list[Any], kwargs: dict[str, Any]) -> Any:
     """A task's input as users think of it: the single argument, else args and kwargs."""
     if len(args) == 1 and not kwargs:
         return args[0]
-    if not args and kwargs:
-        return kwargs
+    if not args:
+        return kwargs or None
     return {"args": list(args), "kwargs": kwargs}
+
+
+def _utc(time_ns: int) -> datetime:
+    return datetime.fromtimestamp(time_ns / 1e9, timezone.utc)
 
 
 def _label_text(value: Any) -> str | None:
@@ -249,31 +277,43 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     # Sending ---------------------------------------------------------------
 
     @_never_raises(default_arg=0)
-    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+    def pre_send(self, message: TaskiqMessage) -> MaybeAwaitable[TaskiqMessage]:
         self.ensure_placement()
         labels = message.labels
         labels[KICKED_AT_LABEL] = str(time.time_ns())
         execution = current_execution.get()
         if execution is not None and execution.phase is not Phase.DONE:
-            if message.task_id == execution.task_id:
-                await self._retry_kicked(execution)
-                return message
-            if execution.phase is Phase.HANDOFF and await self._next_hop(execution, message):
-                return message
-        if RUN_LABEL not in labels:
-            await self._start_run(message)
+            return self._send_from_task(execution, message)
+        if RUN_LABEL not in labels and self._start_run(message) and self.transport.buffers:
+            return self._flushed(message)
         return message
 
-    async def _start_run(self, message: TaskiqMessage) -> None:
+    async def _send_from_task(self, execution: Execution, message: TaskiqMessage) -> TaskiqMessage:
+        """A message kicked while a task runs: its retry, its next hop, or a new run."""
+        if message.task_id == execution.task_id:
+            await self._retry_kicked(execution)
+            return message
+        if execution.phase is Phase.HANDOFF and await self._next_hop(execution, message):
+            return message
+        if RUN_LABEL not in message.labels and self._start_run(message):
+            await self.transport.flush()
+        return message
+
+    async def _flushed(self, message: TaskiqMessage) -> TaskiqMessage:
+        await self.transport.flush()
+        return message
+
+    def _start_run(self, message: TaskiqMessage) -> bool:
+        """Label a new run's first message and emit its PipelineStartEvent (True if done)."""
         labels = message.labels
         step = current_step(labels)
         steps = parse_steps(labels.get(PIPELINE_DATA)) if step is not None else None
         if step is not None and (steps is None or step != 0):
-            return  # a later hop kicked without flowtrace: its worker picks the run up
+            return False  # a later hop kicked without flowtrace: its worker picks the run up
         run = self._new_run(message, steps, time.time_ns())
         labels[RUN_LABEL] = run.encode()
-        await self._emit_pipeline_start(run, message, steps)
-        await self.transport.flush()
+        self._emit_pipeline_start(run, message, steps)
+        return True
 
     def _new_run(self, message: TaskiqMessage, steps: list[StepInfo] | None,
                  started_ns: int) -> RunContext:
@@ -298,20 +338,23 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         trace_id, root_span_id = derived_trace_ids(run.pipeline_id)
         sampled = self.sink.sample(trace_id, f"pipeline {run.name}", None)
         return dataclasses.replace(run, trace_id=trace_id, root_span_id=root_span_id,
-                                   sampled=sampled)
+                                   sampled=sampled, _label=None)
 
-    async def _emit_pipeline_start(self, run: RunContext, message: TaskiqMessage,
-                                   steps: list[StepInfo] | None) -> None:
+    def _emit_pipeline_start(self, run: RunContext, message: TaskiqMessage,
+                             steps: list[StepInfo] | None) -> None:
         names = [s.name for s in steps] if steps else [message.task_name]
-        event = PipelineStartEvent(
-            pipeline_id=run.pipeline_id, pipeline_name=run.name,
-            pipeline_type=run.type,  # type: ignore[arg-type]
-            trace_id=f"{run.trace_id:032x}" if run.sampled else None,
-            span_id=f"{run.root_span_id:016x}" if run.sampled else None,
-            input=self.emitter.payload(_call_input(message.args, message.kwargs)),
-            total_steps=len(names), steps=names,
-        )
-        await self.emitter.emit(event, None, run.started_ns)
+        event = PipelineStartEvent.trusted({
+            "pipeline_id": run.pipeline_id,
+            "pipeline_name": run.name,
+            "pipeline_type": run.type,
+            "timestamp": _utc(run.started_ns),
+            "trace_id": f"{run.trace_id:032x}" if run.sampled else None,
+            "span_id": f"{run.root_span_id:016x}" if run.sampled else None,
+            "input": self.emitter.payload(_call_input(message.args, message.kwargs)),
+            "total_steps": len(names),
+            "steps": names,
+        })
+        self.emitter.emit(event, None, run.started_ns)
 
     async def _next_hop(self, execution: Execution, message: TaskiqMessage) -> bool:
         """Label the next step's message or a map item, after publishing this hop's events."""
@@ -321,9 +364,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         labels = message.labels
         index = current_step(labels)
         if index == execution.step_index + 1 and message.task_id == next_step.task_id:
-            await self._report_success(execution)
+            await self._report_success_async(execution)
             if next_step.fans_out:
-                fan_out = execution.next_fan_out or await self._start_fan_out(execution, next_step)
+                fan_out = execution.next_fan_out or self._start_fan_out(execution, next_step)
                 fan_out = StepContext(fan_out.index, fan_out.span_id, fan_out.started_ns,
                                       execution.items_kicked)
                 labels[STEP_LABEL] = fan_out.encode()
@@ -334,8 +377,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if index is None and next_step.fans_out and message.task_name == next_step.name:
             started = execution.next_fan_out
             if started is None:
-                await self._report_success(execution)
-                started = await self._start_fan_out(execution, next_step)
+                await self._report_success_async(execution)
+                started = self._start_fan_out(execution, next_step)
                 await self.transport.flush()
             fan_out = started
             labels[RUN_LABEL] = execution.run.encode()
@@ -345,24 +388,30 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             return True
         return False
 
-    async def _start_fan_out(self, execution: Execution, step: StepInfo) -> StepContext:
+    def _start_fan_out(self, execution: Execution, step: StepInfo) -> StepContext:
         """The kicking process starts a map/filter step: its span and StepStartEvent."""
         run = execution.run
         now = time.time_ns()
         fan_out = StepContext(execution.step_index + 1, new_span_id(), now)
         execution.next_fan_out = fan_out
         span = self._step_span(run, step.name, fan_out.index, 1, step.task_id, now, fan_out.span_id)
-        event = StepStartEvent(
-            **self._common(run, span), step_name=step.name, step_index=fan_out.index,
-            task_id=step.task_id, attempt=1, queue_wait_ms=None, worker=self.emitter.worker,
-        )
-        await self.emitter.emit(event, None, now)
+        event = StepStartEvent.trusted({
+            **self._common(run, span),
+            "timestamp": _utc(now),
+            "step_name": step.name,
+            "step_index": fan_out.index,
+            "task_id": step.task_id,
+            "attempt": 1,
+            "queue_wait_ms": None,
+            "worker": self.emitter.worker,
+        })
+        self.emitter.emit(event, None, now)
         return fan_out
 
     # Executing -------------------------------------------------------------
 
     @_never_raises(default_arg=0)
-    async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         self.ensure_placement()
         now_wall, now_perf = time.time_ns(), time.perf_counter_ns()
         labels = message.labels
@@ -390,14 +439,14 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         )
         current_execution.set(execution)
         if started_here and (index in (None, 0)) and role is not Role.ITEM:
-            await self._emit_pipeline_start(run, message, steps)
+            self._emit_pipeline_start(run, message, steps)
         execution.span = self._execution_span(execution, now_wall)
         if execution.span is not None:
             # User spans in the task nest under the step. Never detached: taskiq runs each
             # message in its own asyncio task, whose context ends with it.
             otel_context.attach(trace.set_span_in_context(execution.span.as_current()))
         if role is Role.STEP or (role is Role.WAITER and fan_out is None):
-            await self._emit_step_start(execution, labels, now_wall)
+            self._emit_step_start(execution, labels, now_wall)
         if role is Role.WAITER:
             self._start_monitor(execution, message)
         return message
@@ -429,7 +478,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             waiter_span = self._step_span(run, execution.step_name, execution.step_index, 1,
                                           execution.task_id, fan_out.started_ns,
                                           fan_out.span_id)
-            if waiter_span is not None:  # its StepStartEvent was emitted by the kicking process
+            if waiter_span is not None and waiter_span.sampled:
+                # Its StepStartEvent was emitted by the kicking process.
                 waiter_span.add_event("StepStartEvent", {
                     "flowtrace.pipeline_id": run.pipeline_id,
                     "flowtrace.step_name": execution.step_name,
@@ -437,8 +487,29 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                     "flowtrace.task_id": execution.task_id,
                 }, fan_out.started_ns)
             return waiter_span
+        if run.type == "task":
+            return self._plain_task_span(execution, now)
         return self._step_span(run, execution.step_name, execution.step_index, execution.attempt,
                                execution.task_id, now, new_span_id())
+
+    def _plain_task_span(self, execution: Execution, now: int) -> SpanRecord | None:
+        """A plain task's trace is one span: its first attempt is the run's root (SPEC §4).
+
+        It starts when the task is kicked and ends with the run. Later attempts (after a
+        retry) are children of it and carry the run's end.
+        """
+        run = execution.run
+        execution.span_ends_run = True
+        if execution.attempt > 1:
+            return self._step_span(run, execution.step_name, execution.step_index,
+                                   execution.attempt, execution.task_id, now, new_span_id())
+        span = SpanRecord(execution.step_name, run.trace_id, run.root_span_id, run.parent_span_id,
+                          run.started_ns, run.sampled, SpanKind.CONSUMER)
+        if run.sampled:
+            span.attributes.update(_step_attributes(run, execution.step_name, 0, 1,
+                                                    execution.task_id))
+            self._add_pipeline_start(span, run)
+        return span
 
     def _step_span(self, run: RunContext, name: str, index: int, attempt: int, task_id: str,
                    start_ns: int, span_id: int) -> SpanRecord | None:
@@ -461,28 +532,43 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "span_id": span.span_id_hex if traced and span is not None else None,
         }
 
-    async def _emit_step_start(self, execution: Execution, labels: dict[str, Any],
-                               now: int) -> None:
+    def _step_ids(self, execution: Execution) -> dict[str, Any]:
+        """:meth:`_common` for the events of the executing step, computed once."""
+        ids = execution.event_ids
+        if ids is None:
+            ids = execution.event_ids = self._common(execution.run, execution.span)
+        return ids
+
+    def _emit_step_start(self, execution: Execution, labels: dict[str, Any], now: int) -> None:
         sent = kicked_at(labels)
-        event = StepStartEvent(
-            **self._common(execution.run, execution.span), step_name=execution.step_name,
-            step_index=execution.step_index, task_id=execution.task_id,
-            attempt=execution.attempt,
-            queue_wait_ms=max(0.0, (now - sent) / 1e6) if sent is not None else None,
-            worker=self.emitter.worker,
-        )
-        await self.emitter.emit(event, execution.span, now)
+        event = StepStartEvent.trusted({
+            **self._step_ids(execution),
+            "timestamp": _utc(now),
+            "step_name": execution.step_name,
+            "step_index": execution.step_index,
+            "task_id": execution.task_id,
+            "attempt": execution.attempt,
+            "queue_wait_ms": max(0.0, (now - sent) / 1e6) if sent is not None else None,
+            "worker": self.emitter.worker,
+        })
+        self.emitter.emit(event, execution.span, now)
 
     def _start_monitor(self, execution: Execution, message: TaskiqMessage) -> None:
         task_ids = message.args[0] if message.args else message.kwargs.get("task_ids", [])
         total = len(task_ids) if isinstance(task_ids, list) else 0
 
         async def report(done: int, failed: int) -> None:
-            event = StepProgressEvent(
-                **self._common(execution.run, execution.span), step_name=execution.step_name,
-                step_index=execution.step_index, done=done, failed=failed, total=total,
-            )
-            await self.emitter.emit(event, None, time.time_ns())
+            now = time.time_ns()
+            event = StepProgressEvent.trusted({
+                **self._step_ids(execution),
+                "timestamp": _utc(now),
+                "step_name": execution.step_name,
+                "step_index": execution.step_index,
+                "done": done,
+                "failed": failed,
+                "total": total,
+            })
+            self.emitter.emit(event, None, now)
 
         execution.monitor = ProgressMonitor(
             self.transport, counter_key(execution.run.pipeline_id, execution.step_index), total,
@@ -491,8 +577,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         execution.monitor.start()
 
     @_never_raises()
-    async def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any],
-                       exception: BaseException) -> None:
+    def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any],
+                 exception: BaseException) -> None:
         execution = current_execution.get()
         if execution is None or execution.task_id != message.task_id:
             return
@@ -502,45 +588,67 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             execution.retry_pending = True  # a retry middleware took the failure over
 
     @_never_raises()
-    async def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+    def post_execute(self, message: TaskiqMessage,
+                     result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
         execution = current_execution.get()
         if execution is None or execution.task_id != message.task_id:
-            return
+            return None
         execution.duration_ms = (time.perf_counter_ns() - execution.started_perf_ns) / 1e6
         if not result.is_err:
             execution.phase = Phase.HANDOFF
             execution.result_preview = result.return_value
             if execution.role is Role.ITEM:
                 self._finish_item(execution, failed=False)
-            return
+            return None
         if execution.role is Role.ITEM:
             self._finish_item(execution, failed=True)
-            return
+            return None
         exception = execution.exception or result.error
         if exception is None or (isinstance(exception, NoResultError)
                                  and execution.exception is None):
             execution.phase = Phase.HANDOFF  # the task chose to store no result
-            return
+            return None
+        if execution.monitor is not None:
+            return self._fail_waiter(execution, exception)
+        self._step_failed(execution, exception)
+        return None
+
+    def _step_failed(self, execution: Execution, exception: BaseException) -> None:
         will_retry = execution.retry_pending or execution.outcome_reported
-        await self._report_error(execution, exception, will_retry)
+        self._report_error(execution, exception, will_retry)
         if not will_retry:
-            await self._end_run_failed(execution, exception, execution.step_name,
-                                       execution.step_index)
+            self._end_run_failed(execution, exception, execution.step_name, execution.step_index)
+
+    async def _fail_waiter(self, execution: Execution, exception: BaseException) -> None:
+        await self._finish_monitor(execution, failed=True)
+        self._step_failed(execution, exception)
 
     @_never_raises()
-    async def post_save(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+    def post_save(self, message: TaskiqMessage,
+                  result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
         execution = current_execution.get()
         if execution is None or execution.task_id != message.task_id:
-            return
+            return None
         if result.is_err or execution.role is Role.ITEM or execution.phase is Phase.DONE:
-            return
-        await self._report_success(execution)
+            return None
+        if execution.monitor is not None:
+            return self._save_waiter(execution)
+        self._step_saved(execution)
+        return None
+
+    async def _save_waiter(self, execution: Execution) -> None:
+        await self._finish_monitor(execution, failed=False)
+        self._step_saved(execution)
+
+    def _step_saved(self, execution: Execution) -> None:
+        """The step's result is stored and its next hop kicked (or not): report both."""
+        self._report_success(execution)
         if execution.is_last_step:
-            await self._end_run_completed(execution)
+            self._end_run_completed(execution)
         elif not execution.next_kicked:
             reason = execution.abort_error
             next_step = execution.next_step()
-            await self._end_run_failed(
+            self._end_run_failed(
                 execution,
                 reason if reason is not None else RuntimeError("pipeline aborted"),
                 next_step.name if next_step is not None else execution.step_name,
@@ -555,50 +663,68 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         execution.retry_pending = True
         exception = execution.exception or RuntimeError("task failed")
         execution.duration_ms = (time.perf_counter_ns() - execution.started_perf_ns) / 1e6
-        await self._report_error(execution, exception, will_retry=True)
+        await self._finish_monitor(execution, failed=True)
+        self._report_error(execution, exception, will_retry=True)
         await self.transport.flush()
 
-    async def _report_success(self, execution: Execution) -> None:
+    async def _report_success_async(self, execution: Execution) -> None:
+        await self._finish_monitor(execution, failed=False)
+        self._report_success(execution)
+
+    def _report_success(self, execution: Execution) -> None:
+        """StepCompleteEvent and the step's span (a waiter's monitor is finished first)."""
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
         now = time.time_ns()
         if execution.role is Role.WAITER:
-            await self._finish_monitor(execution, failed=False)
             duration = self._fan_out_duration(execution, now)
         else:
             duration = execution.duration_ms
         execution.result_preview = self.emitter.payload(execution.result_preview)
-        event = StepCompleteEvent(
-            **self._common(execution.run, execution.span), step_name=execution.step_name,
-            step_index=execution.step_index, task_id=execution.task_id,
-            attempt=execution.attempt, result=execution.result_preview, duration_ms=duration,
-        )
-        await self.emitter.emit(event, execution.span, now)
-        self._end_span(execution.span, now)
+        event = StepCompleteEvent.trusted({
+            **self._step_ids(execution),
+            "timestamp": _utc(now),
+            "step_name": execution.step_name,
+            "step_index": execution.step_index,
+            "task_id": execution.task_id,
+            "attempt": execution.attempt,
+            "result": execution.result_preview,
+            "duration_ms": duration,
+        })
+        self.emitter.emit(event, execution.span, now)
+        if not execution.span_ends_run:
+            self._end_span(execution.span, now)
 
-    async def _report_error(self, execution: Execution, exception: BaseException,
-                            will_retry: bool) -> None:
+    def _report_error(self, execution: Execution, exception: BaseException,
+                      will_retry: bool) -> None:
+        """StepErrorEvent and the step's span (a waiter's monitor is finished first)."""
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
         now = time.time_ns()
         duration = execution.duration_ms
         if execution.role is Role.WAITER:
-            await self._finish_monitor(execution, failed=True)
             duration = self._fan_out_duration(execution, now)
         span = execution.span
-        event = StepErrorEvent(
-            **self._common(execution.run, span), step_name=execution.step_name,
-            step_index=execution.step_index, task_id=execution.task_id,
-            attempt=execution.attempt, error=error_text(exception),
-            error_type=type(exception).__name__, will_retry=will_retry, duration_ms=duration,
-        )
+        event = StepErrorEvent.trusted({
+            **self._step_ids(execution),
+            "timestamp": _utc(now),
+            "step_name": execution.step_name,
+            "step_index": execution.step_index,
+            "task_id": execution.task_id,
+            "attempt": execution.attempt,
+            "error": error_text(exception),
+            "error_type": type(exception).__name__,
+            "will_retry": will_retry,
+            "duration_ms": duration,
+        })
         if span is not None and span.sampled:
             span.record_exception(exception, now)
             span.attributes["flowtrace.step.will_retry"] = will_retry
-        await self.emitter.emit(event, span, now)
-        self._end_span(span, now)
+        self.emitter.emit(event, span, now)
+        if will_retry or not execution.span_ends_run:
+            self._end_span(span, now)
 
     @staticmethod
     def _fan_out_duration(execution: Execution, now: int) -> float:
@@ -606,9 +732,11 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         return max(0.0, (now - start) / 1e6)
 
     async def _finish_monitor(self, execution: Execution, failed: bool) -> None:
+        """Final progress of a map/filter step, from the counters (once; a no-op elsewhere)."""
         monitor = execution.monitor
-        if monitor is None:
+        if monitor is None or execution.outcome_reported:
             return
+        execution.monitor = None
         total = monitor.total
         counted_done, counted_failed = await monitor.counted()
         value = execution.result_preview
@@ -640,34 +768,47 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if span is not None and self._sink is not None:
             self._sink.emit(span, now)
 
-    async def _end_run_completed(self, execution: Execution) -> None:
+    def _end_run_completed(self, execution: Execution) -> None:
         run, now = execution.run, time.time_ns()
-        root = self._root_span(run)
-        event = PipelineCompleteEvent(
-            **self._common(run, root), duration_ms=max(0.0, (now - run.started_ns) / 1e6),
-            result=execution.result_preview,
-        )
-        await self.emitter.emit(event, root, now)
+        root = self._run_end_span(execution)
+        event = PipelineCompleteEvent.trusted({
+            **self._common(run, root),
+            "timestamp": _utc(now),
+            "duration_ms": max(0.0, (now - run.started_ns) / 1e6),
+            "result": execution.result_preview,
+        })
+        self.emitter.emit(event, root, now)
         self._end_span(root, now)
         execution.phase = Phase.DONE
 
-    async def _end_run_failed(self, execution: Execution, exception: BaseException,
-                              failed_step: str, failed_index: int) -> None:
+    def _end_run_failed(self, execution: Execution, exception: BaseException,
+                        failed_step: str, failed_index: int) -> None:
         run, now = execution.run, time.time_ns()
-        root = self._root_span(run)
-        event = PipelineErrorEvent(
-            **self._common(run, root), status="FAILED", error=error_text(exception),
-            error_type=type(exception).__name__, failed_step=failed_step,
-            failed_step_index=failed_index, duration_ms=max(0.0, (now - run.started_ns) / 1e6),
-        )
+        root = self._run_end_span(execution)
+        event = PipelineErrorEvent.trusted({
+            **self._common(run, root),
+            "timestamp": _utc(now),
+            "status": "FAILED",
+            "error": error_text(exception),
+            "error_type": type(exception).__name__,
+            "failed_step": failed_step,
+            "failed_step_index": failed_index,
+            "duration_ms": max(0.0, (now - run.started_ns) / 1e6),
+        })
         if root is not None:
             root.error = event.error
-        await self.emitter.emit(event, root, now)
+        self.emitter.emit(event, root, now)
         self._end_span(root, now)
         execution.phase = Phase.DONE
 
-    def _root_span(self, run: RunContext) -> SpanRecord | None:
-        """The run's root span, closed by whichever process sees the run end."""
+    def _run_end_span(self, execution: Execution) -> SpanRecord | None:
+        """The span that gets the run's end: a plain task's own, else the run's root span.
+
+        The root span is closed by whichever process sees the run end.
+        """
+        if execution.span_ends_run:
+            return execution.span
+        run = execution.run
         if self.sink is None or not run.trace_id:
             return None
         root = SpanRecord(f"pipeline {run.name}", run.trace_id, run.root_span_id,
@@ -678,12 +819,17 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 "flowtrace.pipeline.name": run.name,
                 "flowtrace.pipeline.type": run.type,
             })
-            root.add_event("PipelineStartEvent", {
-                "flowtrace.pipeline_id": run.pipeline_id,
-                "flowtrace.pipeline_name": run.name,
-                "flowtrace.pipeline_type": run.type,
-            }, run.started_ns)
+            self._add_pipeline_start(root, run)
         return root
+
+    @staticmethod
+    def _add_pipeline_start(root: SpanRecord, run: RunContext) -> None:
+        """The PipelineStartEvent span event, added by the process that ends the root span."""
+        root.add_event("PipelineStartEvent", {
+            "flowtrace.pipeline_id": run.pipeline_id,
+            "flowtrace.pipeline_name": run.name,
+            "flowtrace.pipeline_type": run.type,
+        }, run.started_ns)
 
     async def _result_not_stored(self, task_id: str, exc: Exception) -> None:
         execution = current_execution.get()
@@ -692,7 +838,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.phase is not Phase.HANDOFF or execution.role is Role.ITEM:
             return
         try:
-            await self._report_error(execution, exc, will_retry=False)
-            await self._end_run_failed(execution, exc, execution.step_name, execution.step_index)
+            await self._finish_monitor(execution, failed=True)
+            self._report_error(execution, exc, will_retry=False)
+            self._end_run_failed(execution, exc, execution.step_name, execution.step_index)
         except Exception:
             logger.exception("flowtrace: reporting an unstored result failed")

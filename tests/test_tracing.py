@@ -624,3 +624,59 @@ async def test_in_process_unsampled_run_exports_nothing_and_still_emits_events()
     assert types[0] == "PipelineStartEvent" and types[-1] == "PipelineCompleteEvent"
     assert types.count("StepCompleteEvent") == 4
     assert types.count("StepErrorEvent") == 1  # flaky's first attempt
+
+
+async def test_in_process_plain_task_is_one_span_and_its_retries_are_children() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with in_memory(provider) as (local, hook):
+        kicked = {
+            "ok": await local.task(SQUARE).kiq(7),
+            "failed": await local.task(EXPLODE).kiq([1, 2]),
+            "retried": await local.task(FLAKY).kiq([1, 2]),
+        }
+        for task in kicked.values():
+            await async_wait_until(lambda pid=task.task_id: hook.finished(pid), timeout=20,
+                                   message=f"the end of {task.task_id}")
+        finished: tuple[ReadableSpan, ...] = exporter.get_finished_spans()
+    ids = {name: task.task_id for name, task in kicked.items()}
+
+    def spans_of(pipeline_id: str) -> list[ReadableSpan]:
+        return sorted((s for s in finished
+                       if (s.attributes or {}).get("flowtrace.pipeline.id") == pipeline_id),
+                      key=lambda s: s.start_time or 0)
+
+    def check_events_on(spans: list[ReadableSpan], pipeline_id: str) -> None:
+        by_id = {s.context.span_id: s for s in spans}
+        for event in hook.of(pipeline_id):
+            assert event.trace_id == f"{spans[0].context.trace_id:032x}", event
+            assert event.span_id is not None
+            span = by_id[int(event.span_id, 16)]
+            assert event.type in event_names(span), (event, event_names(span))
+
+    # A run that ends in its first attempt: one span, the root, named after the task.
+    (ok,) = spans_of(ids["ok"])
+    assert ok.name == SQUARE and ok.parent is None and ok.kind.name == "CONSUMER"
+    assert event_names(ok) == ["PipelineStartEvent", "StepStartEvent", "StepCompleteEvent",
+                               "PipelineCompleteEvent"]
+    assert (ok.attributes or {})["flowtrace.pipeline.type"] == "task"
+    assert (ok.attributes or {})["messaging.message.id"] == ids["ok"]
+    check_events_on([ok], ids["ok"])
+
+    (failed,) = spans_of(ids["failed"])
+    assert failed.parent is None and failed.status.status_code.name == "ERROR"
+    assert event_names(failed) == ["PipelineStartEvent", "StepStartEvent", "exception",
+                                   "StepErrorEvent", "PipelineErrorEvent"]
+    check_events_on([failed], ids["failed"])
+
+    # A retried run: the first attempt is the root; the attempt that ends the run is its child.
+    first, second = spans_of(ids["retried"])
+    assert first.parent is None and first.context.trace_id == second.context.trace_id
+    assert second.parent is not None and second.parent.span_id == first.context.span_id
+    assert event_names(first) == ["PipelineStartEvent", "StepStartEvent", "exception",
+                                  "StepErrorEvent"]
+    assert event_names(second) == ["StepStartEvent", "StepCompleteEvent",
+                                   "PipelineCompleteEvent"]
+    assert [(s.attributes or {})["flowtrace.step.attempt"] for s in (first, second)] == [1, 2]
+    check_events_on([first, second], ids["retried"])

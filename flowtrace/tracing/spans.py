@@ -21,11 +21,13 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Event as SpanEvent
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 from flowtrace import __version__
+from flowtrace.events import BaseEvent
 
 logger = logging.getLogger("flowtrace.tracing")
 
@@ -33,6 +35,7 @@ _SCOPE = InstrumentationScope("flowtrace", __version__)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _random = random.Random()
+_UNSET = Status(StatusCode.UNSET)
 
 
 def new_trace_id() -> int:
@@ -78,6 +81,28 @@ def exception_attributes(exc: BaseException) -> dict[str, Any]:
     }
 
 
+_NOT_SPAN_ATTRIBUTES = frozenset({"type", "id", "timestamp", "trace_id", "span_id", "input",
+                                  "result", "steps"})
+_span_attribute_keys: dict[type[BaseEvent], tuple[tuple[str, str], ...]] = {}
+
+
+def span_event_attributes(event: BaseEvent) -> dict[str, Any]:
+    """A lifecycle event's scalar fields, prefixed ``flowtrace.`` (its span event's attributes)."""
+    keys = _span_attribute_keys.get(type(event))
+    if keys is None:
+        keys = _span_attribute_keys[type(event)] = tuple(
+            (name, f"flowtrace.{name}") for name in type(event).model_fields
+            if name not in _NOT_SPAN_ATTRIBUTES
+        )
+    values = event.__dict__
+    # What is left after _NOT_SPAN_ATTRIBUTES is scalar or None; None is left out.
+    return {key: value for name, key in keys if (value := values[name]) is not None}
+
+
+SpanEventSource = dict[str, Any] | BaseEvent
+"""A span event's attributes, or the lifecycle event they are taken from when the span ends."""
+
+
 @dataclass(slots=True)
 class SpanRecord:
     """A span in progress: ids, times, attributes and events, nothing else."""
@@ -90,12 +115,16 @@ class SpanRecord:
     sampled: bool
     kind: SpanKind = SpanKind.INTERNAL
     attributes: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[str, dict[str, Any], int]] = field(default_factory=list)
+    events: list[tuple[str, SpanEventSource, int]] = field(default_factory=list)
     error: str | None = None
+    _context: SpanContext | None = None
 
     @property
     def context(self) -> SpanContext:
-        return span_context(self.trace_id, self.span_id, self.sampled)
+        context = self._context
+        if context is None:
+            context = self._context = span_context(self.trace_id, self.span_id, self.sampled)
+        return context
 
     @property
     def trace_id_hex(self) -> str:
@@ -109,7 +138,7 @@ class SpanRecord:
         """A span to make current so that user spans become children of this one."""
         return NonRecordingSpan(self.context)
 
-    def add_event(self, name: str, attributes: dict[str, Any], time_ns: int) -> None:
+    def add_event(self, name: str, attributes: SpanEventSource, time_ns: int) -> None:
         if self.sampled:
             self.events.append((name, attributes, time_ns))
 
@@ -118,17 +147,40 @@ class SpanRecord:
         self.add_event("exception", exception_attributes(exc), time_ns)
 
 
+class _SpanEvent(SpanEvent):
+    """The SDK's span event, built in one step (its ``__init__`` chain is the slow part)."""
+
+    def __init__(self, name: str, attributes: dict[str, Any], timestamp: int) -> None:
+        self._name = name
+        self._attributes = attributes
+        self._timestamp = timestamp
+
+
+def _static_root_decision(sampler: object) -> bool | None:
+    """The fixed decision for runs with no parent span (always on/off), else None.
+
+    The SDK's default, ``ParentBased(ALWAYS_ON)``, needs no per-run sampler call.
+    """
+    root = getattr(sampler, "_root", None) if type(sampler) is ParentBased else sampler
+    if type(root) is StaticSampler:
+        return bool(root._decision.is_sampled())  # type: ignore[no-untyped-call]
+    return None
+
+
 class SpanSink:
     """Hands finished :class:`SpanRecord` s to a provider's span processors."""
 
     def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
         self._processor = getattr(provider, "_active_span_processor", None)
+        self._root_decision = _static_root_decision(provider.sampler)
 
     def sample(self, trace_id: int, name: str, parent: SpanContext | None) -> bool:
         """Whether a new run is recorded: the parent's decision, else the provider's sampler."""
         if parent is not None:
             return parent.trace_flags.sampled
+        if self._root_decision is not None:
+            return self._root_decision
         try:
             result = self.provider.sampler.should_sample(None, trace_id, name)
             return bool(result.decision.is_sampled())  # type: ignore[no-untyped-call]
@@ -143,17 +195,18 @@ class SpanSink:
             span_context(record.trace_id, record.parent_span_id, True)
             if record.parent_span_id else None
         )
-        status = (
-            Status(StatusCode.ERROR, record.error) if record.error is not None
-            else Status(StatusCode.UNSET)
-        )
+        status = _UNSET if record.error is None else Status(StatusCode.ERROR, record.error)
         span = ReadableSpan(
             name=record.name,
-            context=span_context(record.trace_id, record.span_id, True),
+            context=record.context,  # sampled: only sampled spans get here
             parent=parent,
             resource=self.provider.resource,
             attributes=record.attributes,
-            events=[SpanEvent(name, attrs, ts) for name, attrs, ts in record.events],
+            events=[
+                _SpanEvent(name, source if isinstance(source, dict)
+                           else span_event_attributes(source), ts)
+                for name, source, ts in record.events
+            ],
             kind=record.kind,
             status=status,
             start_time=record.start_ns,

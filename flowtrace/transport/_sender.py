@@ -273,7 +273,7 @@ class SenderBackedTransport(Transport):
     def _publish_command(self, payload: str) -> Command:
         """The Redis command that publishes one event's JSON."""
 
-    async def publish(self, event: BaseEvent) -> None:
+    def publish_nowait(self, event: BaseEvent) -> None:
         """Buffer ``event`` for the background sender; never waits on Redis."""
         try:
             payload = event.model_dump_json()

@@ -1,6 +1,7 @@
 """The one interface every transport offers.
 
-``publish`` never raises into the caller and never waits on the network: it
+``publish`` (and its synchronous form ``publish_nowait``, the one the middleware
+uses) never raises into the caller and never waits on the network: it
 buffers, a background task ships batches, and what cannot be kept is counted as
 dropped. ``subscribe`` yields events with ``id`` set. ``flush`` is the single
 awaited wait flowtrace allows on a task's path (once per pipeline hop, SPEC §3).
@@ -24,13 +25,20 @@ DropCallback = Callable[[str, int], None]
 class Transport(abc.ABC):
     """Carries events from the processes that emit them to the ones that consume them."""
 
+    buffers: bool = True
+    """False when ``publish`` hands events over at once, so ``flush`` has nothing to wait for."""
+
     def __init__(self) -> None:
         self.dropped: dict[str, int] = {}
         self._drop_callbacks: list[DropCallback] = []
 
-    @abc.abstractmethod
     async def publish(self, event: BaseEvent) -> None:
         """Queue ``event`` for delivery. Never raises, never blocks on I/O."""
+        self.publish_nowait(event)
+
+    @abc.abstractmethod
+    def publish_nowait(self, event: BaseEvent) -> None:
+        """:meth:`publish` without the coroutine: what the middleware calls on a task's path."""
 
     @abc.abstractmethod
     def subscribe(self, since: str | None = None) -> AsyncIterator[Event]:

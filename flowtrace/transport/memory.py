@@ -20,7 +20,6 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
-from typing import cast
 
 from flowtrace.events import BaseEvent, Event
 from flowtrace.transport.base import FROM_BEGINNING, Transport
@@ -56,6 +55,8 @@ class InMemoryTransport(Transport):
     Use from the event loop thread only.
     """
 
+    buffers = False
+
     def __init__(self, maxlen: int = 10_000, *, subscriber_queue_size: int = 10_000) -> None:
         super().__init__()
         if maxlen < 1 or subscriber_queue_size < 1:
@@ -70,15 +71,15 @@ class InMemoryTransport(Transport):
         self._counts: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._closed = False
 
-    async def publish(self, event: BaseEvent) -> None:
+    def publish_nowait(self, event: BaseEvent) -> None:
         """Give ``event`` a fresh id (in place) and hand it to every subscriber (no suspension).
 
         The id is set on the object itself, not a copy: the hooks of the emitting process
         hold the same object and see the id too, and no copy is made per event.
         """
-        self._seq += 1
-        event.id = f"{self.epoch}-{self._seq}"
-        entry = (self._seq, cast("Event", event))
+        seq = self._seq = self._seq + 1
+        event.__dict__["id"] = f"{self.epoch}-{seq}"  # no pydantic __setattr__: hot path
+        entry: tuple[int, Event] = (seq, event)  # type: ignore[assignment]
         self._ring.append(entry)
         fanout = self._fanout
         if fanout is None:
