@@ -69,10 +69,14 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def python_child(args: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
-    """``python -m ...`` in a new process group (stopped with :func:`stop_process`)."""
+def python_child(args: Sequence[str], wrapper: Sequence[str] = (),
+                 **popen: Any) -> subprocess.Popen[bytes]:
+    """``python -m ...`` in a new process group (stopped with :func:`stop_process`).
+
+    ``wrapper`` goes before the interpreter (``valgrind ...``, say).
+    """
     _CHILD_CWD.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, *args], env=child_env(), cwd=_CHILD_CWD,
+    return subprocess.Popen([*wrapper, sys.executable, *args], env=child_env(), cwd=_CHILD_CWD,
                             start_new_session=True, **popen)
 
 

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark, a table, and ``benchmarks/results.json``.
 
-    python -m benchmarks.run [--quick] [--only overhead,fanout,fleet,memory]
+    python -m benchmarks.run [--quick] [--only overhead,instructions,fanout,fleet,memory]
                              [--output PATH]
 
 Each benchmark measures its baselines in the same run (bare taskiq, taskiq's own
@@ -19,7 +19,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS_PATH, flowtrace_location, machine, table, write_json
 
-BENCHMARKS = ("overhead", "fanout", "fleet", "memory")
+BENCHMARKS = ("overhead", "instructions", "fanout", "fleet", "memory")
 NEEDS = {"psutil": "taskiq's OpenTelemetryMiddleware (taskiq[opentelemetry])",
          "websockets": "the WebSocket clients", "prometheus_client": "PrometheusMiddleware"}
 
@@ -72,6 +72,15 @@ def _summary_table(results: dict[str, Any]) -> str:
                      f"{med['flowtrace']['noop'] / med['bare']['noop']:.2f}x "
                      f"(CPU {cpu['flowtrace']['noop'] / cpu['bare']['noop']:.2f}x)",
                      _met(o["targets"], "0.5x")])
+    i = results.get("instructions")
+    if i and "ratios" in i:
+        per_task = i["instructions_per_task"]
+        rows.append(["instructions per no-op task (valgrind): flowtrace vs otel+prom, bare",
+                     "-", f"{per_task['flowtrace']:,.0f} vs {per_task['otel_prom']:,.0f}, "
+                     f"{per_task['bare']:,.0f} ({i['ratios']['flowtrace_vs_otel_prom']:.2f}x, "
+                     f"{i['ratios']['flowtrace_vs_bare']:.2f}x)", "-"])
+    elif i:
+        rows.append(["instructions per no-op task (valgrind)", "-", i["skipped"], "-"])
     f = results.get("fanout")
     if f:
         s = f["summary"]

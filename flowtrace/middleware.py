@@ -532,6 +532,12 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "span_id": span.span_id_hex if traced and span is not None else None,
         }
 
+    def _run_end_ids(self, execution: Execution, root: SpanRecord | None) -> dict[str, Any]:
+        """:meth:`_common` for the run's end: a plain task's are its step's."""
+        if execution.span_ends_run:
+            return self._step_ids(execution)
+        return self._common(execution.run, root)
+
     def _step_ids(self, execution: Execution) -> dict[str, Any]:
         """:meth:`_common` for the events of the executing step, computed once."""
         ids = execution.event_ids
@@ -772,7 +778,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         run, now = execution.run, time.time_ns()
         root = self._run_end_span(execution)
         event = PipelineCompleteEvent.trusted({
-            **self._common(run, root),
+            **self._run_end_ids(execution, root),
             "timestamp": _utc(now),
             "duration_ms": max(0.0, (now - run.started_ns) / 1e6),
             "result": execution.result_preview,
@@ -786,7 +792,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         run, now = execution.run, time.time_ns()
         root = self._run_end_span(execution)
         event = PipelineErrorEvent.trusted({
-            **self._common(run, root),
+            **self._run_end_ids(execution, root),
             "timestamp": _utc(now),
             "status": "FAILED",
             "error": error_text(exception),
