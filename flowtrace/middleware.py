@@ -480,12 +480,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                                           fan_out.span_id)
             if waiter_span is not None and waiter_span.sampled:
                 # Its StepStartEvent was emitted by the kicking process.
-                waiter_span.add_event("StepStartEvent", {
-                    "flowtrace.pipeline_id": run.pipeline_id,
-                    "flowtrace.step_name": execution.step_name,
-                    "flowtrace.step_index": execution.step_index,
-                    "flowtrace.task_id": execution.task_id,
-                }, fan_out.started_ns)
+                waiter_span.add_event("StepStartEvent", {}, fan_out.started_ns)
             return waiter_span
         if run.type == "task":
             return self._plain_task_span(execution, now)
@@ -508,7 +503,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if run.sampled:
             span.attributes.update(_step_attributes(run, execution.step_name, 0, 1,
                                                     execution.task_id))
-            self._add_pipeline_start(span, run)
+            self._add_pipeline_start(span, run, 1)
         return span
 
     def _step_span(self, run: RunContext, name: str, index: int, attempt: int, task_id: str,
@@ -825,17 +820,14 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 "flowtrace.pipeline.name": run.name,
                 "flowtrace.pipeline.type": run.type,
             })
-            self._add_pipeline_start(root, run)
+            self._add_pipeline_start(root, run, len(execution.steps or ()) or 1)
         return root
 
     @staticmethod
-    def _add_pipeline_start(root: SpanRecord, run: RunContext) -> None:
+    def _add_pipeline_start(root: SpanRecord, run: RunContext, total_steps: int) -> None:
         """The PipelineStartEvent span event, added by the process that ends the root span."""
-        root.add_event("PipelineStartEvent", {
-            "flowtrace.pipeline_id": run.pipeline_id,
-            "flowtrace.pipeline_name": run.name,
-            "flowtrace.pipeline_type": run.type,
-        }, run.started_ns)
+        root.add_event("PipelineStartEvent", {"flowtrace.total_steps": total_steps},
+                       run.started_ns)
 
     async def _result_not_stored(self, task_id: str, exc: Exception) -> None:
         execution = current_execution.get()
