@@ -77,7 +77,9 @@ class BaseEvent(BaseModel):
             return cls(**values)
         event = cls.__new__(cls)
         _set_dict(event, {**template, **values})  # declared order: serialisation follows it
-        _set_fields_set(event, cls._field_names.copy())  # a trusted event sets every field
+        # Every field is set; one set per class is shared: pydantic only ever adds a field
+        # name to it (on assignment), and every field name is in it already.
+        _set_fields_set(event, cls._field_names)
         _set_extra(event, None)
         _set_private(event, None)
         return event
