@@ -469,9 +469,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             span = SpanRecord(execution.message.task_name, run.trace_id, new_span_id(),
                               fan_out.span_id, now, run.sampled, SpanKind.CONSUMER)
             if run.sampled:
-                span.attributes.update(_step_attributes(
-                    run, execution.step_name, execution.step_index, execution.attempt,
-                    execution.task_id))
+                span.attributes = _step_attributes(run, execution.step_name,
+                                                   execution.step_index, execution.attempt,
+                                                   execution.task_id)
                 span.attributes["flowtrace.item.index"] = fan_out.item_index
             return span
         if execution.role is Role.WAITER and fan_out is not None:
@@ -501,8 +501,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         span = SpanRecord(execution.step_name, run.trace_id, run.root_span_id, run.parent_span_id,
                           run.started_ns, run.sampled, SpanKind.CONSUMER)
         if run.sampled:
-            span.attributes.update(_step_attributes(run, execution.step_name, 0, 1,
-                                                    execution.task_id))
+            span.attributes = _step_attributes(run, execution.step_name, 0, 1, execution.task_id)
             self._add_pipeline_start(span, run, 1)
         return span
 
@@ -513,7 +512,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         span = SpanRecord(name, run.trace_id, span_id, run.root_span_id, start_ns, run.sampled,
                           SpanKind.CONSUMER)
         if run.sampled:
-            span.attributes.update(_step_attributes(run, name, index, attempt, task_id))
+            span.attributes = _step_attributes(run, name, index, attempt, task_id)
         return span
 
     @staticmethod
