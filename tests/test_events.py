@@ -43,6 +43,22 @@ def test_every_event_round_trips_through_json(cls: type[events.BaseEvent]) -> No
     assert parse_event(event.model_dump_json().encode()) == event
 
 
+@pytest.mark.parametrize("cls", list(EVENT_CLASSES.values()), ids=list(EVENT_CLASSES))
+def test_trusted_construction_builds_what_validation_builds(
+        cls: type[events.BaseEvent]) -> None:
+    # The middleware builds events without validation (the hot path); what it gets must be
+    # indistinguishable from a validated event, on every wire and to every consumer.
+    validated = _sample(cls)
+    fields = validated.model_dump()
+    trusted = cls.trusted(fields)
+    assert cls._template is not None, "the fast path is off for this pydantic"
+    assert trusted == validated
+    assert trusted.model_dump_json() == validated.model_dump_json()
+    assert parse_event(trusted.model_dump_json()) == validated
+    trusted.id = "2-2"  # assignment still works (a shared fields-set is only ever added to)
+    assert trusted.model_dump()["id"] == "2-2" and trusted.model_fields_set >= set(fields)
+
+
 def test_timestamps_are_aware_utc_iso8601() -> None:
     naive = StepCompleteEvent(pipeline_id="p", step_name="s", timestamp=datetime(2026, 1, 1))
     assert naive.timestamp.tzinfo is not None

@@ -417,6 +417,8 @@ async def test_hook_filters_and_clean_shutdown_delivers_queued_events() -> None:
     assert {e.type for e in only_errors.events} == {"StepErrorEvent", "PipelineErrorEvent"}
     assert all(e.pipeline_id == bad.task_id for e in only_one.events)
     assert len(everything.of(good.task_id)) == 4 and len(everything.of(bad.task_id)) == 4
+    start = everything.of(good.task_id)[0]
+    assert start.type == "PipelineStartEvent" and start.input is None  # called with no arguments
 
     manager_filtered = HookManager()
     manager_filtered.add_filter(EventFilter(event_types=["PipelineStartEvent"]))
