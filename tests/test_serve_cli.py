@@ -125,3 +125,16 @@ async def test_shutdown_closes_websocket_clients_with_1001(redis_server: RedisSe
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 1001
         assert served.proc.wait(timeout=30) == 0, served.output()
+
+
+@pytest.mark.parametrize(("flag", "deflate"), [((), True), (("--no-ws-deflate",), False)])
+async def test_per_message_deflate_is_negotiated_unless_turned_off(
+        redis_server: RedisServer, flag: tuple[str, ...], deflate: bool) -> None:
+    with gateway("--redis-url", redis_server.url, *flag) as served:
+        # The client offers deflate, as browsers do; the server decides.
+        async with connect(f"ws://127.0.0.1:{served.port}/ws/*", open_timeout=10,
+                           proxy=None, compression="deflate") as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            assert ws.response is not None
+            accepted = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert ("permessage-deflate" in accepted) is deflate, accepted
