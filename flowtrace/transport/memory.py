@@ -63,7 +63,9 @@ class InMemoryTransport(Transport):
             raise ValueError("maxlen and subscriber_queue_size must be positive")
         self.epoch = new_epoch()
         self._seq = 0
-        self._ring: deque[tuple[int, Event]] = deque(maxlen=maxlen)
+        # Events only: their seqs are contiguous, the newest being ``_seq`` (no tuple per
+        # event kept alive, which the garbage collector would walk for as long).
+        self._ring: deque[Event] = deque(maxlen=maxlen)
         self._queue_size = subscriber_queue_size
         # Weak: a subscribe() whose iterator is dropped unstarted must not pin a queue.
         self._subscribers: weakref.WeakSet[_Queue] = weakref.WeakSet()
@@ -79,11 +81,13 @@ class InMemoryTransport(Transport):
         """
         seq = self._seq = self._seq + 1
         event.__dict__["id"] = f"{self.epoch}-{seq}"  # no pydantic __setattr__: hot path
-        entry: tuple[int, Event] = (seq, event)  # type: ignore[assignment]
-        self._ring.append(entry)
+        self._ring.append(event)  # type: ignore[arg-type]
         fanout = self._fanout
         if fanout is None:
             fanout = self._fanout = tuple(self._subscribers)
+        if not fanout:
+            return
+        entry: tuple[int, Event] = (seq, event)  # type: ignore[assignment]
         for queue in fanout:
             try:
                 queue.put_nowait(entry)
@@ -117,8 +121,8 @@ class InMemoryTransport(Transport):
         if since == FROM_BEGINNING or epoch != self.epoch:
             start = 0
         else:  # seqs in the ring are contiguous: the first one after ``seq`` is at an offset
-            start = max(0, seq - self._ring[0][0] + 1)
-        return [event for _, event in itertools.islice(self._ring, start, None)]
+            start = max(0, seq - self._oldest_seq() + 1)
+        return list(itertools.islice(self._ring, start, None))
 
     async def _iterate(
         self, queue: _Queue, replay: list[Event], replayed_upto: int
@@ -149,8 +153,12 @@ class InMemoryTransport(Transport):
         parsed = split_id(since)
         if parsed is None or parsed[0] != self.epoch or parsed[1] > self._seq:
             return True
-        oldest = self._ring[0][0] if self._ring else self._seq + 1
+        oldest = self._oldest_seq()
         return parsed[1] < oldest - 1
+
+    def _oldest_seq(self) -> int:
+        """Seq of the oldest retained event (``_seq + 1`` when none is)."""
+        return self._seq - len(self._ring) + 1
 
     def count_item(self, key: str, failed: bool) -> None:
         done, failures = self._counts.pop(key, (0, 0))
