@@ -137,6 +137,15 @@ def _label_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _run_attributes(run: RunContext) -> dict[str, Any]:
+    """The run's fields as span event attributes (SPEC §4: scalar fields, ``flowtrace.``)."""
+    return {
+        "flowtrace.pipeline_id": run.pipeline_id,
+        "flowtrace.pipeline_name": run.name,
+        "flowtrace.pipeline_type": run.type,
+    }
+
+
 def _step_attributes(run: RunContext, name: str, index: int, attempt: int,
                      task_id: str) -> dict[str, Any]:
     """SPEC §4's attributes of a step (and item) span: messaging conventions + flowtrace."""
@@ -480,7 +489,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                                           fan_out.span_id)
             if waiter_span is not None and waiter_span.sampled:
                 # Its StepStartEvent was emitted by the kicking process.
-                waiter_span.add_event("StepStartEvent", {}, fan_out.started_ns)
+                waiter_span.add_event("StepStartEvent", {
+                    **_run_attributes(run),
+                    "flowtrace.step_name": execution.step_name,
+                    "flowtrace.step_index": execution.step_index,
+                    "flowtrace.task_id": execution.task_id,
+                    "flowtrace.attempt": 1,
+                }, fan_out.started_ns)
             return waiter_span
         if run.type == "task":
             return self._plain_task_span(execution, now)
@@ -825,7 +840,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     @staticmethod
     def _add_pipeline_start(root: SpanRecord, run: RunContext, total_steps: int) -> None:
         """The PipelineStartEvent span event, added by the process that ends the root span."""
-        root.add_event("PipelineStartEvent", {"flowtrace.total_steps": total_steps},
+        root.add_event("PipelineStartEvent",
+                       {**_run_attributes(run), "flowtrace.total_steps": total_steps},
                        run.started_ns)
 
     async def _result_not_stored(self, task_id: str, exc: Exception) -> None:

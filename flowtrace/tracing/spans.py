@@ -81,18 +81,14 @@ def exception_attributes(exc: BaseException) -> dict[str, Any]:
     }
 
 
-_NOT_SPAN_ATTRIBUTES = frozenset({
-    "type", "id", "timestamp", "trace_id", "span_id", "input", "result", "steps",
-    # The span itself carries these (flowtrace.pipeline.*, flowtrace.step.*, messaging.*).
-    "pipeline_id", "pipeline_name", "pipeline_type", "step_name", "step_index", "task_id",
-    "attempt",
-})
+_NOT_SPAN_ATTRIBUTES = frozenset({"type", "id", "timestamp", "trace_id", "span_id", "input",
+                                  "result", "steps"})
 _span_attribute_keys: dict[type[BaseEvent], tuple[tuple[str, str], ...]] = {}
 
 
 def span_event_attributes(event: BaseEvent) -> dict[str, Any]:
-    """A lifecycle event's span event attributes: its scalar fields the span does not carry
-    already, prefixed ``flowtrace.`` (``flowtrace.duration_ms``, ``flowtrace.worker``, ...)."""
+    """A lifecycle event's scalar fields, prefixed ``flowtrace.`` (SPEC §4: its span event's
+    attributes). Payload previews stay out of traces."""
     keys = _span_attribute_keys.get(type(event))
     if keys is None:
         keys = _span_attribute_keys[type(event)] = tuple(
