@@ -503,14 +503,19 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                                execution.task_id, now, new_span_id())
 
     def _plain_task_span(self, execution: Execution, now: int) -> SpanRecord | None:
-        """A plain task's trace is one span: its first attempt is the run's root (SPEC §4).
+        """A plain task's trace is one span: its step span is the run's root (SPEC §4).
 
-        It starts when the task is kicked and ends with the run. Later attempts (after a
-        retry) are children of it and carry the run's end.
+        It starts when the task is kicked, ends with the run and carries the run's events.
+        A task that a retry middleware may retry keeps the pipeline shape instead (a root
+        span, one span per attempt), so that the run's end is on the root whatever the
+        attempt that reaches it.
         """
         run = execution.run
+        if self._retryable(execution.message):
+            return self._step_span(run, execution.step_name, execution.step_index,
+                                   execution.attempt, execution.task_id, now, new_span_id())
         execution.span_ends_run = True
-        if execution.attempt > 1:
+        if execution.attempt > 1:  # retried by a middleware flowtrace does not know
             return self._step_span(run, execution.step_name, execution.step_index,
                                    execution.attempt, execution.task_id, now, new_span_id())
         span = SpanRecord(execution.step_name, run.trace_id, run.root_span_id, run.parent_span_id,
@@ -519,6 +524,22 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             span.attributes = _step_attributes(run, execution.step_name, 0, 1, execution.task_id)
             self._add_pipeline_start(span, run, 1)
         return span
+
+    def _retryable(self, message: TaskiqMessage) -> bool:
+        """Whether taskiq's Simple/SmartRetryMiddleware on this broker may retry ``message``.
+
+        Both read the ``retry_on_error`` label (text or bool), else their
+        ``default_retry_label``.
+        """
+        for middleware in self.broker.middlewares:
+            default = getattr(middleware, "default_retry_label", None)
+            if default is None:
+                continue
+            label = message.labels.get("retry_on_error")
+            if isinstance(label, str):
+                label = label.lower() == "true"
+            return bool(default if label is None else label)
+        return False
 
     def _step_span(self, run: RunContext, name: str, index: int, attempt: int, task_id: str,
                    start_ns: int, span_id: int) -> SpanRecord | None:

@@ -628,7 +628,7 @@ async def test_in_process_unsampled_run_exports_nothing_and_still_emits_events()
     assert types.count("StepErrorEvent") == 1  # flaky's first attempt
 
 
-async def test_in_process_plain_task_is_one_span_and_its_retries_are_children() -> None:
+async def test_in_process_plain_task_is_one_span_unless_it_may_be_retried() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -672,13 +672,14 @@ async def test_in_process_plain_task_is_one_span_and_its_retries_are_children() 
                                    "StepErrorEvent", "PipelineErrorEvent"]
     check_events_on([failed], ids["failed"])
 
-    # A retried run: the first attempt is the root; the attempt that ends the run is its child.
-    first, second = spans_of(ids["retried"])
-    assert first.parent is None and first.context.trace_id == second.context.trace_id
-    assert second.parent is not None and second.parent.span_id == first.context.span_id
-    assert event_names(first) == ["PipelineStartEvent", "StepStartEvent", "exception",
-                                  "StepErrorEvent"]
-    assert event_names(second) == ["StepStartEvent", "StepCompleteEvent",
-                                   "PipelineCompleteEvent"]
+    # A task a retry middleware may retry keeps the pipeline shape: the root has the run's
+    # events, each attempt is a span under it.
+    root, first, second = spans_of(ids["retried"])
+    assert root.name == f"pipeline {FLAKY}" and root.parent is None
+    assert event_names(root) == ["PipelineStartEvent", "PipelineCompleteEvent"]
+    assert root.status.status_code.name != "ERROR"  # the run completed
+    assert {first.parent.span_id, second.parent.span_id} == {root.context.span_id}  # type: ignore[union-attr]
+    assert event_names(first) == ["StepStartEvent", "exception", "StepErrorEvent"]
+    assert event_names(second) == ["StepStartEvent", "StepCompleteEvent"]
     assert [(s.attributes or {})["flowtrace.step.attempt"] for s in (first, second)] == [1, 2]
-    check_events_on([first, second], ids["retried"])
+    check_events_on([root, first, second], ids["retried"])
