@@ -33,7 +33,8 @@ class RunContext:
     root_span_id: int = 0
     parent_span_id: int = 0
     sampled: bool = False
-    _label: str | None = field(default=None, compare=False, repr=False)
+    # The label text, once known; not an init field, so ``replace()`` starts without it.
+    _label: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def encode(self) -> str:
         """The label text (computed once)."""
@@ -52,13 +53,15 @@ class RunContext:
         try:
             label = _text(text)
             pid, name, kind, started, tid, rsid, psid, sampled = _json_array(label)
-            return cls(str(pid), str(name), str(kind), int(started), int(tid, 16),
-                       int(rsid, 16), int(psid, 16), bool(sampled), label)
+            run = cls(str(pid), str(name), str(kind), int(started), int(tid, 16),
+                      int(rsid, 16), int(psid, 16), bool(sampled))
         except (TypeError, ValueError):
             return None
+        run._label = label  # the next hop carries the same text on
+        return run
 
     def with_name(self, name: str) -> RunContext:
-        return replace(self, name=name, _label=None)
+        return replace(self, name=name)
 
 
 @dataclass(frozen=True, slots=True)

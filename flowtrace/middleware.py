@@ -347,7 +347,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         trace_id, root_span_id = derived_trace_ids(run.pipeline_id)
         sampled = self.sink.sample(trace_id, f"pipeline {run.name}", None)
         return dataclasses.replace(run, trace_id=trace_id, root_span_id=root_span_id,
-                                   sampled=sampled, _label=None)
+                                   sampled=sampled)
 
     def _emit_pipeline_start(self, run: RunContext, message: TaskiqMessage,
                              steps: list[StepInfo] | None) -> None:
@@ -373,7 +373,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         labels = message.labels
         index = current_step(labels)
         if index == execution.step_index + 1 and message.task_id == next_step.task_id:
-            await self._report_success_async(execution)
+            await self._after_final_progress(execution, False, self._report_success)
             if next_step.fans_out:
                 fan_out = execution.next_fan_out or self._start_fan_out(execution, next_step)
                 fan_out = StepContext(fan_out.index, fan_out.span_id, fan_out.started_ns,
@@ -386,7 +386,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if index is None and next_step.fans_out and message.task_name == next_step.name:
             started = execution.next_fan_out
             if started is None:
-                await self._report_success_async(execution)
+                await self._after_final_progress(execution, False, self._report_success)
                 started = self._start_fan_out(execution, next_step)
                 await self.transport.flush()
             fan_out = started
@@ -562,12 +562,6 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "span_id": span.span_id_hex if traced and span is not None else None,
         }
 
-    def _run_end_ids(self, execution: Execution, root: SpanRecord | None) -> dict[str, Any]:
-        """:meth:`_common` for the run's end: a plain task's are its step's."""
-        if execution.span_ends_run:
-            return self._step_ids(execution)
-        return self._common(execution.run, root)
-
     def _step_ids(self, execution: Execution) -> dict[str, Any]:
         """:meth:`_common` for the events of the executing step, computed once."""
         ids = execution.event_ids
@@ -645,7 +639,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             execution.phase = Phase.HANDOFF  # the task chose to store no result
             return None
         if execution.monitor is not None:
-            return self._fail_waiter(execution, exception)
+            return self._after_final_progress(execution, True, self._step_failed, exception)
         self._step_failed(execution, exception)
         return None
 
@@ -655,9 +649,6 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if not will_retry:
             self._end_run_failed(execution, exception, execution.step_name, execution.step_index)
 
-    async def _fail_waiter(self, execution: Execution, exception: BaseException) -> None:
-        await self._finish_monitor(execution, failed=True)
-        self._step_failed(execution, exception)
 
     @_never_raises()
     def post_save(self, message: TaskiqMessage,
@@ -668,13 +659,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if result.is_err or execution.role is Role.ITEM or execution.phase is Phase.DONE:
             return None
         if execution.monitor is not None:
-            return self._save_waiter(execution)
+            return self._after_final_progress(execution, False, self._step_saved)
         self._step_saved(execution)
         return None
-
-    async def _save_waiter(self, execution: Execution) -> None:
-        await self._finish_monitor(execution, failed=False)
-        self._step_saved(execution)
 
     def _step_saved(self, execution: Execution) -> None:
         """The step's result is stored and its next hop kicked (or not): report both."""
@@ -703,9 +690,14 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self._report_error(execution, exception, will_retry=True)
         await self.transport.flush()
 
-    async def _report_success_async(self, execution: Execution) -> None:
-        await self._finish_monitor(execution, failed=False)
-        self._report_success(execution)
+    async def _after_final_progress(self, execution: Execution, failed: bool,
+                                    report: Callable[..., None], *args: Any) -> None:
+        """``report(execution, *args)`` once a map/filter waiter's final counts are in.
+
+        Reading them may wait on the transport (Redis): the only outcome that does.
+        """
+        await self._finish_monitor(execution, failed)
+        report(execution, *args)
 
     def _report_success(self, execution: Execution) -> None:
         """StepCompleteEvent and the step's span (a waiter's monitor is finished first)."""
@@ -808,7 +800,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         run, now = execution.run, time.time_ns()
         root = self._run_end_span(execution)
         event = PipelineCompleteEvent.trusted({
-            **self._run_end_ids(execution, root),
+            **self._common(execution.run, root),
             "timestamp": _utc(now),
             "duration_ms": max(0.0, (now - run.started_ns) / 1e6),
             "result": execution.result_preview,
@@ -822,7 +814,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         run, now = execution.run, time.time_ns()
         root = self._run_end_span(execution)
         event = PipelineErrorEvent.trusted({
-            **self._run_end_ids(execution, root),
+            **self._common(execution.run, root),
             "timestamp": _utc(now),
             "status": "FAILED",
             "error": error_text(exception),
