@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from typing_extensions import Self
@@ -50,9 +50,10 @@ class BaseEvent(BaseModel):
     pipeline_id: str
     pipeline_name: str = ""
     pipeline_type: PipelineType = "sequential"
-    timestamp: datetime = Field(default_factory=utc_now)
     trace_id: str | None = None
     span_id: str | None = None
+    # After the ids: an event is built as ``{**ids, "timestamp": ..., ...}`` (declared order).
+    timestamp: datetime = Field(default_factory=utc_now)
 
     _template: ClassVar[dict[str, Any] | None] = None
     _field_names: ClassVar[set[str]] = set()
@@ -68,21 +69,36 @@ class BaseEvent(BaseModel):
     def trusted(cls, values: dict[str, Any]) -> Self:
         """Build an event from values flowtrace produced itself, without validating them.
 
-        The middleware's hot path: validation costs more than the rest of an event.
-        ``timestamp`` (aware UTC) and every field without a plain default must be in
-        ``values``. Falls back to validation if this pydantic lays models out differently.
+        Validation costs more than the rest of an event. ``timestamp`` (aware UTC) and every
+        field without a plain default must be in ``values``. Falls back to validation if
+        this pydantic lays models out differently.
         """
         template = cls._template
         if template is None:
             return cls(**values)
-        event = cls.__new__(cls)
-        _set_dict(event, {**template, **values})  # declared order: serialisation follows it
-        # Every field is set; one set per class is shared: pydantic only ever adds a field
-        # name to it (on assignment), and every field name is in it already.
-        _set_fields_set(event, cls._field_names)
-        _set_extra(event, None)
-        _set_private(event, None)
-        return event
+        return trusted_event(cls, {**template, **values})  # declared order: serialisation
+
+
+E = TypeVar("E", bound=BaseEvent)
+_new = object.__new__
+
+
+def trusted_event(cls: type[E], fields: dict[str, Any]) -> E:
+    """:meth:`BaseEvent.trusted` given every field, in declared order (the middleware's path).
+
+    ``fields`` becomes the event's own dict. A function, not a classmethod: no bound
+    method to allocate per event.
+    """
+    if cls._template is None:
+        return cls(**fields)
+    event = _new(cls)
+    _set_dict(event, fields)
+    # Every field is set; one set per class is shared: pydantic only ever adds a field
+    # name to it (on assignment), and every field name is in it already.
+    _set_fields_set(event, cls._field_names)
+    _set_extra(event, None)
+    _set_private(event, None)
+    return event
 
 
 class PipelineStartEvent(BaseEvent):
@@ -364,5 +380,6 @@ __all__ = [
     "event_to_json",
     "parse_event",
     "preview",
+    "trusted_event",
     "utc_now",
 ]

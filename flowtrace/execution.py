@@ -48,9 +48,11 @@ class Execution:
     steps: list[StepInfo] | None
     started_wall_ns: int
     started_perf_ns: int
-    span: SpanRecord | None = None
     fan_out: StepContext | None = None
     """The map/filter step this message belongs to (items, waiter)."""
+    span: SpanRecord | None = None
+    event_ids: dict[str, Any] | None = None
+    """The fields every event of this step starts with: run identity and its span's ids."""
     next_fan_out: StepContext | None = None
     """The map/filter step this hop is starting by kicking its items."""
     items_kicked: int = 0
@@ -63,8 +65,6 @@ class Execution:
     result_preview: Any = None
     duration_ms: float = 0.0
     monitor: ProgressMonitor | None = None
-    event_ids: dict[str, Any] | None = None
-    """The ids every event of this step carries (see ``FlowtraceMiddleware._step_ids``)."""
     span_ends_run: bool = False
     """A plain task's span: it also carries the run's end (and, on attempt 1, is its root)."""
 

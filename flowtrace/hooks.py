@@ -31,6 +31,7 @@ from flowtrace.events import (
 )
 
 logger = logging.getLogger("flowtrace.hooks")
+_get_running_loop = asyncio.get_running_loop
 
 HOOK_METHODS: dict[str, str] = {
     PipelineStartEvent.__name__: "on_pipeline_start",
@@ -89,11 +90,12 @@ class _Subscription:
         self._method_cache: dict[str, list[tuple[str, Any, bool]]] = {}
 
     def offer(self, event: BaseEvent, loop: asyncio.AbstractEventLoop) -> bool:
-        if self.loop is not loop or self.worker is None or self.worker.done():
+        if self.loop is not loop or self.worker is None:  # a worker that ended is None
             self._start(loop)
-        if len(self.pending) >= self.backlog:
+        pending = self.pending
+        if len(pending) >= self.backlog:
             return False
-        self.pending.append(event)
+        pending.append(event)
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -108,6 +110,12 @@ class _Subscription:
         self._wakeup = None
         self._idle = asyncio.Event()
         self.worker = loop.create_task(self._drain(), name=f"flowtrace-hook-{self.name}")
+        self.worker.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, worker: asyncio.Task[None]) -> None:
+        """Cancelled with its loop (or by ``close``): the next event starts a new one."""
+        if self.worker is worker:
+            self.worker = None
 
     async def _drain(self) -> None:
         pending, idle = self.pending, self._idle
@@ -227,19 +235,23 @@ class HookManager:
 
     def emit_nowait(self, event: BaseEvent) -> None:
         """Queue ``event`` for every interested hook; never blocks, never raises."""
-        if not self._subscriptions:
-            return
-        if self._filters and not all(f.matches(event) for f in self._filters):
+        subscriptions = self._subscriptions
+        if not subscriptions or (self._filters and not self._passes_filters(event)):
             return
         try:
-            loop = asyncio.get_running_loop()
+            loop = _get_running_loop()
         except RuntimeError:
             self._drop("no_event_loop")
             return
-        for subscription in self._subscriptions:
+        for subscription in subscriptions:
             wanted = subscription.filter is None or subscription.filter.matches(event)
             if wanted and not subscription.offer(event, loop):
                 self._drop("hook_backlog")
+
+    def _passes_filters(self, event: BaseEvent) -> bool:
+        """Every manager-wide filter passes (not a genexpr in ``emit_nowait``: its closure
+        would cost a cell per event even without filters)."""
+        return all(event_filter.matches(event) for event_filter in self._filters)
 
     async def dispatch(self, event: BaseEvent) -> None:
         """Awaitable form of :meth:`emit_nowait` (it does not wait for the hooks)."""

@@ -21,6 +21,10 @@ NAME_LABEL = "flowtrace_pipeline_name"
 """Set by :class:`flowtrace.Pipeline` on every step so the name survives uninstrumented kickers."""
 
 
+_IDS = 65
+"""Length of a run label's fixed head: sampled flag, trace, root span and parent span ids."""
+
+
 @dataclass(slots=True, eq=True)
 class RunContext:
     """A run as every process of it sees it. Treated as immutable: build a new one to change it."""
@@ -37,25 +41,42 @@ class RunContext:
     _label: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def encode(self) -> str:
-        """The label text (computed once)."""
+        """The label text (computed once): ``<sampled><trace><root><parent>`` in fixed-width
+        hex, then ``<started_ns>:<type>:<len(pipeline_id)>:<pipeline_id><name>``.
+
+        Sliced, not parsed, on every hop: the ids need no JSON, and the length prefix
+        lets the id and the name hold any character.
+        """
         if self._label is None:
-            # The JSON array json.dumps would write, built directly: this runs once per kick.
-            self._label = (
-                f"[{_json_str(self.pipeline_id)},{_json_str(self.name)},{_json_str(self.type)},"
-                f'{self.started_ns},"{self.trace_id:032x}","{self.root_span_id:016x}",'
-                f'"{self.parent_span_id:016x}",{int(self.sampled)}]'
+            # %-format: f-string format specs look up a bound __format__ per field.
+            self._label = "%d%032x%016x%016x%d:%s:%d:%s%s" % (  # noqa: UP031
+                self.sampled, self.trace_id, self.root_span_id, self.parent_span_id,
+                self.started_ns, self.type, len(self.pipeline_id), self.pipeline_id, self.name,
             )
         return self._label
+
+    @property
+    def trace_hex(self) -> str:
+        """The trace id as events carry it (32 hex digits), cut from the label."""
+        return self.encode()[1:33]
+
+    @property
+    def root_span_hex(self) -> str:
+        return self.encode()[33:49]
 
     @classmethod
     def decode(cls, text: Any) -> RunContext | None:
         """The context in a label, or None when absent or unreadable."""
         try:
             label = _text(text)
-            pid, name, kind, started, tid, rsid, psid, sampled = _json_array(label)
-            run = cls(str(pid), str(name), str(kind), int(started), int(tid, 16),
-                      int(rsid, 16), int(psid, 16), bool(sampled))
-        except (TypeError, ValueError):
+            started, kind, size, rest = label[_IDS:].split(":", 3)
+            length = int(size)
+            flag = label[0]
+            if flag not in "01" or not 0 <= length <= len(rest):
+                return None
+            run = cls(rest[:length], rest[length:], kind, int(started), int(label[1:33], 16),
+                      int(label[33:49], 16), int(label[49:_IDS], 16), flag == "1")
+        except (TypeError, ValueError, IndexError):
             return None
         run._label = label  # the next hop carries the same text on
         return run

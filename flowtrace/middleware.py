@@ -17,13 +17,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timezone
-from types import CoroutineType
 from typing import Any, TypeAlias, TypeVar
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import NonRecordingSpan, SpanKind, set_span_in_context
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.exceptions import NoResultError
 
@@ -51,6 +49,7 @@ from flowtrace.labels import (
     kicked_at,
 )
 from flowtrace.pipeline_data import (
+    CURRENT_STEP,
     FILTER_WAITER,
     MAP_WAITER,
     PIPELINE_DATA,
@@ -76,7 +75,6 @@ logger = logging.getLogger("flowtrace")
 WAITER_TASKS = frozenset({MAP_WAITER, FILTER_WAITER})
 _PIPELINES_LOGGER = "taskiq_pipelines.middleware"
 
-F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 MaybeAwaitable: TypeAlias = "T | Coroutine[Any, Any, T]"
@@ -88,34 +86,17 @@ plain task nothing of flowtrace is awaited at all.
 """
 
 
-def _never_raises(default_arg: int | None = None) -> Callable[[F], F]:
-    """flowtrace must never fail the task it observes: log and carry on."""
+_HOOK_FAILED = "flowtrace: %s failed; the task is unaffected"
+"""flowtrace must never fail the task it observes: every hook logs this and carries on."""
 
-    def decorate(method: F) -> F:
-        name = method.__name__
 
-        def default(args: tuple[Any, ...]) -> Any:
-            return args[default_arg] if default_arg is not None else None
-
-        async def guard(coroutine: Coroutine[Any, Any, Any], args: tuple[Any, ...]) -> Any:
-            try:
-                return await coroutine
-            except Exception:
-                logger.exception("flowtrace: %s failed; the task is unaffected", name)
-                return default(args)
-
-        @functools.wraps(method)
-        def guarded(self: Any, *args: Any) -> Any:
-            try:
-                outcome = method(self, *args)
-            except Exception:
-                logger.exception("flowtrace: %s failed; the task is unaffected", name)
-                return default(args)
-            return guard(outcome, args) if isinstance(outcome, CoroutineType) else outcome
-
-        return guarded  # type: ignore[return-value]
-
-    return decorate
+async def _guarded(work: Awaitable[T], default: T, hook: str) -> T:
+    """``await work``, or ``default`` if it raised (logged as :data:`_HOOK_FAILED`)."""
+    try:
+        return await work
+    except Exception:
+        logger.exception(_HOOK_FAILED, hook)
+        return default
 
 
 def _call_input(args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -127,8 +108,37 @@ def _call_input(args: list[Any], kwargs: dict[str, Any]) -> Any:
     return {"args": list(args), "kwargs": kwargs}
 
 
+_time_ns = time.time_ns
+_perf_ns = time.perf_counter_ns
+
+
+def _utc_now() -> datetime:
+    """Now, aware UTC (events' timestamps; ``fromtimestamp`` with a zone costs twice as much)."""
+    return datetime.now(timezone.utc)
+
+
 def _utc(time_ns: int) -> datetime:
     return datetime.fromtimestamp(time_ns / 1e9, timezone.utc)
+
+
+def _event_ids(run: RunContext, span: SpanRecord | None) -> dict[str, Any]:
+    """The fields every event of a run starts with, in declared order (see ``BaseEvent``).
+
+    The span's ids only when it is recorded: an unsampled run has no trace to link.
+    """
+    if span is None or not span.sampled:
+        trace_hex = span_hex = None
+    else:
+        trace_hex = run.trace_hex  # cut from the label: no formatting
+        span_hex = run.root_span_hex if span.span_id == run.root_span_id else span.span_id_hex
+    return {
+        "id": None,
+        "pipeline_id": run.pipeline_id,
+        "pipeline_name": run.name,
+        "pipeline_type": run.type,
+        "trace_id": trace_hex,
+        "span_id": span_hex,
+    }
 
 
 def _label_text(value: Any) -> str | None:
@@ -217,6 +227,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self._sink: SpanSink | None = None
         self._sink_resolved = False
         self._tail = _ErrorCapture()
+        self._chain_length = 0
+        self._retry_middleware: TaskiqMiddleware | None = None
+        """The first middleware that may retry a failed task (taskiq's Simple/SmartRetry)."""
         logging.getLogger(_PIPELINES_LOGGER).addFilter(_abort_capture)
 
     # Placement and setup ----------------------------------------------------
@@ -231,12 +244,23 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if broker is None:
             return
         chain = broker.middlewares
-        if chain and chain[0] is self and chain[-1] is self._tail:
-            return
-        others = [m for m in chain if m is not self and m is not self._tail]
-        # A new list: a hook loop iterating the old one is not disturbed.
-        broker.middlewares = [self, *others, self._tail]
-        self._wrap_result_backend(broker)
+        if not (chain and chain[0] is self and chain[-1] is self._tail):
+            others = [m for m in chain if m is not self and m is not self._tail]
+            # A new list: a hook loop iterating the old one is not disturbed.
+            chain = broker.middlewares = [self, *others, self._tail]
+            self._wrap_result_backend(broker)
+        self._chain_length = len(chain)
+        self._retry_middleware = next(
+            (m for m in chain if getattr(m, "default_retry_label", None) is not None), None)
+
+    def _keep_placement(self) -> None:
+        """:meth:`ensure_placement` when the chain changed (users add middlewares any time)."""
+        broker = self.broker
+        if broker is not None:
+            chain = broker.middlewares
+            if (len(chain) != self._chain_length or chain[0] is not self
+                    or chain[-1] is not self._tail):
+                self.ensure_placement()
 
     def _wrap_result_backend(self, broker: AsyncBroker) -> None:
         """A result that cannot be stored fails its step: taskiq only logs it."""
@@ -285,16 +309,18 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     # Sending ---------------------------------------------------------------
 
-    @_never_raises(default_arg=0)
     def pre_send(self, message: TaskiqMessage) -> MaybeAwaitable[TaskiqMessage]:
-        self.ensure_placement()
-        labels = message.labels
-        labels[KICKED_AT_LABEL] = str(time.time_ns())
-        execution = current_execution.get()
-        if execution is not None and execution.phase is not Phase.DONE:
-            return self._send_from_task(execution, message)
-        if RUN_LABEL not in labels and self._start_run(message) and self.transport.buffers:
-            return self._flushed(message)
+        try:
+            self._keep_placement()
+            labels = message.labels
+            labels[KICKED_AT_LABEL] = str(_time_ns())
+            execution = current_execution.get()
+            if execution is not None and execution.phase is not Phase.DONE:
+                return _guarded(self._send_from_task(execution, message), message, "pre_send")
+            if RUN_LABEL not in labels and self._start_run(message) and self.transport.buffers:
+                return _guarded(self._flushed(message), message, "pre_send")
+        except Exception:
+            logger.exception(_HOOK_FAILED, "pre_send")
         return message
 
     async def _send_from_task(self, execution: Execution, message: TaskiqMessage) -> TaskiqMessage:
@@ -315,31 +341,36 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _start_run(self, message: TaskiqMessage) -> bool:
         """Label a new run's first message and emit its PipelineStartEvent (True if done)."""
         labels = message.labels
-        step = current_step(labels)
-        steps = parse_steps(labels.get(PIPELINE_DATA)) if step is not None else None
-        if step is not None and (steps is None or step != 0):
-            return False  # a later hop kicked without flowtrace: its worker picks the run up
-        run = self._new_run(message, steps, time.time_ns())
+        steps = None
+        if CURRENT_STEP in labels and (step := current_step(labels)) is not None:
+            steps = parse_steps(labels.get(PIPELINE_DATA))
+            if steps is None or step != 0:
+                return False  # a later hop kicked without flowtrace: its worker picks the run up
+        timestamp, now = _utc_now(), _time_ns()
+        run = self._new_run(message, steps, now)
         labels[RUN_LABEL] = run.encode()
-        self._emit_pipeline_start(run, message, steps)
+        self._emit_pipeline_start(run, message, steps, timestamp)
         return True
 
     def _new_run(self, message: TaskiqMessage, steps: list[StepInfo] | None,
                  started_ns: int) -> RunContext:
-        explicit_name = _label_text(message.labels.get(NAME_LABEL))
+        explicit_name = message.labels.get(NAME_LABEL)
         if steps:
             run_id, kind, name = steps[-1].task_id, "sequential", steps[0].name
         else:
             run_id, kind, name = message.task_id, "task", message.task_name
-        name = explicit_name or name
-        sink = self.sink
+        if explicit_name is not None:
+            name = _label_text(explicit_name) or name
+        sink = self._sink if self._sink_resolved else self.sink
         if sink is None:
             return RunContext(run_id, name, kind, started_ns)
         parent = current_parent()
-        trace_id = parent.trace_id if parent is not None else new_trace_id()
-        sampled = sink.sample(trace_id, f"pipeline {name}", parent)
-        return RunContext(run_id, name, kind, started_ns, trace_id, new_span_id(),
-                          parent.span_id if parent is not None else 0, sampled)
+        if parent is None:
+            trace_id = new_trace_id()
+            return RunContext(run_id, name, kind, started_ns, trace_id, new_span_id(), 0,
+                              sink.sample(trace_id, f"pipeline {name}", None))
+        return RunContext(run_id, name, kind, started_ns, parent.trace_id, new_span_id(),
+                          parent.span_id, parent.trace_flags.sampled)
 
     def _adopt_run(self, run: RunContext) -> RunContext:
         """Trace a run whose kicker did not: every tracing worker derives the same ids."""
@@ -350,16 +381,20 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                                    sampled=sampled)
 
     def _emit_pipeline_start(self, run: RunContext, message: TaskiqMessage,
-                             steps: list[StepInfo] | None) -> None:
+                             steps: list[StepInfo] | None, timestamp: datetime) -> None:
         names = [s.name for s in steps] if steps else [message.task_name]
+        args, kwargs = message.args, message.kwargs
+        sampled = run.sampled
         event = PipelineStartEvent.trusted({
+            "id": None,
             "pipeline_id": run.pipeline_id,
             "pipeline_name": run.name,
             "pipeline_type": run.type,
-            "timestamp": _utc(run.started_ns),
-            "trace_id": f"{run.trace_id:032x}" if run.sampled else None,
-            "span_id": f"{run.root_span_id:016x}" if run.sampled else None,
-            "input": self.emitter.payload(_call_input(message.args, message.kwargs)),
+            "trace_id": run.trace_hex if sampled else None,
+            "span_id": run.root_span_hex if sampled else None,
+            "timestamp": timestamp,
+            "type": "PipelineStartEvent",
+            "input": self.emitter.payload(_call_input(args, kwargs)) if args or kwargs else None,
             "total_steps": len(names),
             "steps": names,
         })
@@ -405,8 +440,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         execution.next_fan_out = fan_out
         span = self._step_span(run, step.name, fan_out.index, 1, step.task_id, now, fan_out.span_id)
         event = StepStartEvent.trusted({
-            **self._common(run, span),
+            **_event_ids(run, span),
             "timestamp": _utc(now),
+            "type": "StepStartEvent",
             "step_name": step.name,
             "step_index": fan_out.index,
             "task_id": step.task_id,
@@ -419,16 +455,24 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     # Executing -------------------------------------------------------------
 
-    @_never_raises(default_arg=0)
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        self.ensure_placement()
-        now_wall, now_perf = time.time_ns(), time.perf_counter_ns()
+        try:
+            self._keep_placement()
+            self._begin(message)
+        except Exception:
+            logger.exception(_HOOK_FAILED, "pre_execute")
+        return message
+
+    def _begin(self, message: TaskiqMessage) -> None:
+        """The message's :class:`Execution`, span context and start events."""
+        timestamp, now_wall, now_perf = _utc_now(), _time_ns(), _perf_ns()
         labels = message.labels
-        index = current_step(labels)
+        index = current_step(labels) if CURRENT_STEP in labels else None
         steps = parse_steps(labels.get(PIPELINE_DATA)) if index is not None else None
-        fan_out = StepContext.decode(labels.get(STEP_LABEL)) if STEP_LABEL in labels else None
+        fan_out = StepContext.decode(labels[STEP_LABEL]) if STEP_LABEL in labels else None
         role = self._role_of(message, fan_out, steps)
-        run = RunContext.decode(labels.get(RUN_LABEL)) if RUN_LABEL in labels else None
+        run_label = labels.get(RUN_LABEL)
+        run = RunContext.decode(run_label) if run_label is not None else None
         started_here = run is None
         if run is None:
             run = self._new_run(message, steps, now_wall)
@@ -441,24 +485,24 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             steps[step_index].name if steps and role is Role.WAITER and step_index < len(steps)
             else message.task_name
         )
-        execution = Execution(
-            message=message, run=run, role=role, step_index=step_index, step_name=step_name,
-            attempt=int(labels.get("_retries", 0) or 0) + 1, steps=steps,
-            started_wall_ns=now_wall, started_perf_ns=now_perf, fan_out=fan_out,
-        )
+        retries = labels.get("_retries")
+        execution = Execution(message, run, role, step_index, step_name,
+                              int(retries) + 1 if retries else 1, steps, now_wall, now_perf,
+                              fan_out)
         current_execution.set(execution)
         if started_here and (index in (None, 0)) and role is not Role.ITEM:
-            self._emit_pipeline_start(run, message, steps)
-        execution.span = self._execution_span(execution, now_wall)
-        if execution.span is not None:
+            self._emit_pipeline_start(run, message, steps, timestamp)
+        span = self._execution_span(execution, now_wall)
+        execution.event_ids = _event_ids(run, span)
+        if span is not None:
+            execution.span = span
             # User spans in the task nest under the step. Never detached: taskiq runs each
             # message in its own asyncio task, whose context ends with it.
-            otel_context.attach(trace.set_span_in_context(execution.span.as_current()))
+            otel_context.attach(set_span_in_context(NonRecordingSpan(span.context)))
         if role is Role.STEP or (role is Role.WAITER and fan_out is None):
-            self._emit_step_start(execution, labels, now_wall)
+            self._emit_step_start(execution, labels, now_wall, timestamp)
         if role is Role.WAITER:
             self._start_monitor(execution, message)
-        return message
 
     @staticmethod
     def _role_of(message: TaskiqMessage, fan_out: StepContext | None,
@@ -531,15 +575,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         Both read the ``retry_on_error`` label (text or bool), else their
         ``default_retry_label``.
         """
-        for middleware in self.broker.middlewares:
-            default = getattr(middleware, "default_retry_label", None)
-            if default is None:
-                continue
-            label = message.labels.get("retry_on_error")
-            if isinstance(label, str):
-                label = label.lower() == "true"
-            return bool(default if label is None else label)
-        return False
+        retrier = self._retry_middleware
+        if retrier is None:
+            return False
+        label = message.labels.get("retry_on_error")
+        if isinstance(label, str):
+            label = label.lower() == "true"
+        return bool(retrier.default_retry_label if label is None else label)  # type: ignore[attr-defined]
 
     def _step_span(self, run: RunContext, name: str, index: int, attempt: int, task_id: str,
                    start_ns: int, span_id: int) -> SpanRecord | None:
@@ -551,29 +593,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             span.attributes = _step_attributes(run, name, index, attempt, task_id)
         return span
 
-    @staticmethod
-    def _common(run: RunContext, span: SpanRecord | None) -> dict[str, Any]:
-        traced = span is not None and span.sampled  # an unsampled run has no trace to link
-        return {
-            "pipeline_id": run.pipeline_id,
-            "pipeline_name": run.name,
-            "pipeline_type": run.type,
-            "trace_id": span.trace_id_hex if traced and span is not None else None,
-            "span_id": span.span_id_hex if traced and span is not None else None,
-        }
-
-    def _step_ids(self, execution: Execution) -> dict[str, Any]:
-        """:meth:`_common` for the events of the executing step, computed once."""
-        ids = execution.event_ids
-        if ids is None:
-            ids = execution.event_ids = self._common(execution.run, execution.span)
-        return ids
-
-    def _emit_step_start(self, execution: Execution, labels: dict[str, Any], now: int) -> None:
+    def _emit_step_start(self, execution: Execution, labels: dict[str, Any], now: int,
+                         timestamp: datetime) -> None:
         sent = kicked_at(labels)
         event = StepStartEvent.trusted({
-            **self._step_ids(execution),
-            "timestamp": _utc(now),
+            **execution.event_ids,  # type: ignore[dict-item]
+            "timestamp": timestamp,
+            "type": "StepStartEvent",
             "step_name": execution.step_name,
             "step_index": execution.step_index,
             "task_id": execution.task_id,
@@ -590,8 +616,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         async def report(done: int, failed: int) -> None:
             now = time.time_ns()
             event = StepProgressEvent.trusted({
-                **self._step_ids(execution),
+                **execution.event_ids,  # type: ignore[dict-item]
                 "timestamp": _utc(now),
+                "type": "StepProgressEvent",
                 "step_name": execution.step_name,
                 "step_index": execution.step_index,
                 "done": done,
@@ -606,41 +633,47 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         )
         execution.monitor.start()
 
-    @_never_raises()
     def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any],
                  exception: BaseException) -> None:
-        execution = current_execution.get()
-        if execution is None or execution.task_id != message.task_id:
-            return
-        if execution.exception is None:
-            execution.exception = exception
-        if isinstance(result.error, NoResultError) and not isinstance(exception, NoResultError):
-            execution.retry_pending = True  # a retry middleware took the failure over
+        try:
+            execution = current_execution.get()
+            if execution is None or execution.task_id != message.task_id:
+                return
+            if execution.exception is None:
+                execution.exception = exception
+            if isinstance(result.error, NoResultError) and not isinstance(exception,
+                                                                          NoResultError):
+                execution.retry_pending = True  # a retry middleware took the failure over
+        except Exception:
+            logger.exception(_HOOK_FAILED, "on_error")
 
-    @_never_raises()
     def post_execute(self, message: TaskiqMessage,
                      result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
-        execution = current_execution.get()
-        if execution is None or execution.task_id != message.task_id:
-            return None
-        execution.duration_ms = (time.perf_counter_ns() - execution.started_perf_ns) / 1e6
-        if not result.is_err:
-            execution.phase = Phase.HANDOFF
-            execution.result_preview = result.return_value
+        try:
+            execution = current_execution.get()
+            if execution is None or execution.task_id != message.task_id:
+                return None
+            execution.duration_ms = (_perf_ns() - execution.started_perf_ns) / 1e6
+            if not result.is_err:
+                execution.phase = Phase.HANDOFF
+                execution.result_preview = result.return_value
+                if execution.role is Role.ITEM:
+                    self._finish_item(execution, failed=False)
+                return None
             if execution.role is Role.ITEM:
-                self._finish_item(execution, failed=False)
-            return None
-        if execution.role is Role.ITEM:
-            self._finish_item(execution, failed=True)
-            return None
-        exception = execution.exception or result.error
-        if exception is None or (isinstance(exception, NoResultError)
-                                 and execution.exception is None):
-            execution.phase = Phase.HANDOFF  # the task chose to store no result
-            return None
-        if execution.monitor is not None:
-            return self._after_final_progress(execution, True, self._step_failed, exception)
-        self._step_failed(execution, exception)
+                self._finish_item(execution, failed=True)
+                return None
+            exception = execution.exception or result.error
+            if exception is None or (isinstance(exception, NoResultError)
+                                     and execution.exception is None):
+                execution.phase = Phase.HANDOFF  # the task chose to store no result
+                return None
+            if execution.monitor is not None:
+                return _guarded(self._after_final_progress(
+                    execution, True, self._step_failed, exception), None, "post_execute")
+            self._step_failed(execution, exception)
+        except Exception:
+            logger.exception(_HOOK_FAILED, "post_execute")
         return None
 
     def _step_failed(self, execution: Execution, exception: BaseException) -> None:
@@ -649,18 +682,20 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if not will_retry:
             self._end_run_failed(execution, exception, execution.step_name, execution.step_index)
 
-
-    @_never_raises()
     def post_save(self, message: TaskiqMessage,
                   result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
-        execution = current_execution.get()
-        if execution is None or execution.task_id != message.task_id:
-            return None
-        if result.is_err or execution.role is Role.ITEM or execution.phase is Phase.DONE:
-            return None
-        if execution.monitor is not None:
-            return self._after_final_progress(execution, False, self._step_saved)
-        self._step_saved(execution)
+        try:
+            execution = current_execution.get()
+            if execution is None or execution.task_id != message.task_id:
+                return None
+            if result.is_err or execution.role is Role.ITEM or execution.phase is Phase.DONE:
+                return None
+            if execution.monitor is not None:
+                return _guarded(self._after_final_progress(execution, False, self._step_saved),
+                                None, "post_save")
+            self._step_saved(execution)
+        except Exception:
+            logger.exception(_HOOK_FAILED, "post_save")
         return None
 
     def _step_saved(self, execution: Execution) -> None:
@@ -704,15 +739,16 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
-        now = time.time_ns()
+        timestamp, now = _utc_now(), _time_ns()
         if execution.role is Role.WAITER:
             duration = self._fan_out_duration(execution, now)
         else:
             duration = execution.duration_ms
         execution.result_preview = self.emitter.payload(execution.result_preview)
         event = StepCompleteEvent.trusted({
-            **self._step_ids(execution),
-            "timestamp": _utc(now),
+            **execution.event_ids,  # type: ignore[dict-item]
+            "timestamp": timestamp,
+            "type": "StepCompleteEvent",
             "step_name": execution.step_name,
             "step_index": execution.step_index,
             "task_id": execution.task_id,
@@ -730,14 +766,15 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
-        now = time.time_ns()
+        timestamp, now = _utc_now(), _time_ns()
         duration = execution.duration_ms
         if execution.role is Role.WAITER:
             duration = self._fan_out_duration(execution, now)
         span = execution.span
         event = StepErrorEvent.trusted({
-            **self._step_ids(execution),
-            "timestamp": _utc(now),
+            **execution.event_ids,  # type: ignore[dict-item]
+            "timestamp": timestamp,
+            "type": "StepErrorEvent",
             "step_name": execution.step_name,
             "step_index": execution.step_index,
             "task_id": execution.task_id,
@@ -797,11 +834,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             self._sink.emit(span, now)
 
     def _end_run_completed(self, execution: Execution) -> None:
-        run, now = execution.run, time.time_ns()
+        run, timestamp, now = execution.run, _utc_now(), _time_ns()
         root = self._run_end_span(execution)
         event = PipelineCompleteEvent.trusted({
-            **self._common(execution.run, root),
-            "timestamp": _utc(now),
+            **self._run_end_ids(execution, root),
+            "timestamp": timestamp,
+            "type": "PipelineCompleteEvent",
+            "status": "COMPLETED",
             "duration_ms": max(0.0, (now - run.started_ns) / 1e6),
             "result": execution.result_preview,
         })
@@ -811,11 +850,12 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     def _end_run_failed(self, execution: Execution, exception: BaseException,
                         failed_step: str, failed_index: int) -> None:
-        run, now = execution.run, time.time_ns()
+        run, timestamp, now = execution.run, _utc_now(), _time_ns()
         root = self._run_end_span(execution)
         event = PipelineErrorEvent.trusted({
-            **self._common(execution.run, root),
-            "timestamp": _utc(now),
+            **self._run_end_ids(execution, root),
+            "timestamp": timestamp,
+            "type": "PipelineErrorEvent",
             "status": "FAILED",
             "error": error_text(exception),
             "error_type": type(exception).__name__,
@@ -828,6 +868,14 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self.emitter.emit(event, root, now)
         self._end_span(root, now)
         execution.phase = Phase.DONE
+
+    @staticmethod
+    def _run_end_ids(execution: Execution, root: SpanRecord | None) -> dict[str, Any]:
+        """The run-end event's ids: its step's when the step's span is the root (plain task)."""
+        ids = execution.event_ids
+        if root is not execution.span or ids is None:
+            ids = _event_ids(execution.run, root)
+        return ids
 
     def _run_end_span(self, execution: Execution) -> SpanRecord | None:
         """The span that gets the run's end: a plain task's own, else the run's root span.
@@ -853,9 +901,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     @staticmethod
     def _add_pipeline_start(root: SpanRecord, run: RunContext, total_steps: int) -> None:
         """The PipelineStartEvent span event, added by the process that ends the root span."""
-        root.add_event("PipelineStartEvent",
-                       {**_run_attributes(run), "flowtrace.total_steps": total_steps},
-                       run.started_ns)
+        root.add_event("PipelineStartEvent", total_steps, run.started_ns)
 
     async def _result_not_stored(self, task_id: str, exc: Exception) -> None:
         execution = current_execution.get()

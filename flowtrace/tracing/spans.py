@@ -15,10 +15,12 @@ import hashlib
 import logging
 import random
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event as SpanEvent
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler
@@ -27,7 +29,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.status import Status, StatusCode
 
 from flowtrace import __version__
-from flowtrace.events import BaseEvent
+from flowtrace.events import EVENT_CLASSES
 
 logger = logging.getLogger("flowtrace.tracing")
 
@@ -83,25 +85,47 @@ def exception_attributes(exc: BaseException) -> dict[str, Any]:
 
 _NOT_SPAN_ATTRIBUTES = frozenset({"type", "id", "timestamp", "trace_id", "span_id", "input",
                                   "result", "steps"})
-_span_attribute_keys: dict[type[BaseEvent], tuple[tuple[str, str], ...]] = {}
+_span_attribute_keys: dict[str, tuple[tuple[str, str], ...]] = {}
 
 
-def span_event_attributes(event: BaseEvent) -> dict[str, Any]:
-    """A lifecycle event's scalar fields, prefixed ``flowtrace.`` (SPEC §4: its span event's
-    attributes). Payload previews stay out of traces."""
-    keys = _span_attribute_keys.get(type(event))
+def span_event_attributes(fields: dict[str, Any]) -> dict[str, Any]:
+    """A lifecycle event's scalar fields (its ``__dict__``), prefixed ``flowtrace.``: SPEC §4's
+    attributes of its span event. Payload previews stay out of traces."""
+    event_type = fields["type"]
+    keys = _span_attribute_keys.get(event_type)
     if keys is None:
-        keys = _span_attribute_keys[type(event)] = tuple(
-            (name, f"flowtrace.{name}") for name in type(event).model_fields
+        keys = _span_attribute_keys[event_type] = tuple(
+            (name, f"flowtrace.{name}") for name in EVENT_CLASSES[event_type].model_fields
             if name not in _NOT_SPAN_ATTRIBUTES
         )
-    values = event.__dict__
     # What is left after _NOT_SPAN_ATTRIBUTES is scalar or None; None is left out.
-    return {key: value for name, key in keys if (value := values[name]) is not None}
+    return {key: value for name, key in keys if (value := fields[name]) is not None}
 
 
-SpanEventSource = dict[str, Any] | BaseEvent
-"""A span event's attributes, or the lifecycle event they are taken from when the span ends."""
+def run_start_attributes(span_attributes: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
+    """The PipelineStartEvent span event's attributes, from its (root) span's attributes.
+
+    The process that ends a run's root span never saw the PipelineStartEvent (the kicker
+    emitted it): the run's identity is on the span, the step count is all it adds.
+    """
+    return {
+        "flowtrace.pipeline_id": span_attributes.get("flowtrace.pipeline.id"),
+        "flowtrace.pipeline_name": span_attributes.get("flowtrace.pipeline.name"),
+        "flowtrace.pipeline_type": span_attributes.get("flowtrace.pipeline.type"),
+        "flowtrace.total_steps": total_steps,
+    }
+
+
+SpanEventSource = dict[str, Any] | int
+"""What a span event's attributes are made of when an exporter reads them: ready attributes
+(no ``type`` key), a lifecycle event's fields (its ``__dict__``: :func:`span_event_attributes`)
+or, for the PipelineStartEvent, the run's step count (:func:`run_start_attributes`)."""
+
+
+def _attributes_of(source: SpanEventSource, span_attributes: Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(source, int):
+        return run_start_attributes(span_attributes, source)
+    return span_event_attributes(source) if "type" in source else source
 
 
 @dataclass(slots=True)
@@ -116,7 +140,8 @@ class SpanRecord:
     sampled: bool
     kind: SpanKind = SpanKind.INTERNAL
     attributes: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[str, SpanEventSource, int]] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+    """Flat: ``name, source, time_ns`` per span event (one list, no tuple per event)."""
     error: str | None = None
     _context: SpanContext | None = None
 
@@ -129,11 +154,11 @@ class SpanRecord:
 
     @property
     def trace_id_hex(self) -> str:
-        return f"{self.trace_id:032x}"
+        return "%032x" % self.trace_id  # noqa: UP031 - no bound __format__ per call
 
     @property
     def span_id_hex(self) -> str:
-        return f"{self.span_id:016x}"
+        return "%016x" % self.span_id  # noqa: UP031
 
     def as_current(self) -> NonRecordingSpan:
         """A span to make current so that user spans become children of this one."""
@@ -141,7 +166,7 @@ class SpanRecord:
 
     def add_event(self, name: str, attributes: SpanEventSource, time_ns: int) -> None:
         if self.sampled:
-            self.events.append((name, attributes, time_ns))
+            self.events += (name, attributes, time_ns)
 
     def record_exception(self, exc: BaseException, time_ns: int) -> None:
         self.error = f"{type(exc).__name__}: {exc}"
@@ -155,6 +180,86 @@ class _SpanEvent(SpanEvent):
         self._name = name
         self._attributes = attributes
         self._timestamp = timestamp
+
+
+def _span_events(flat: list[Any], span_attributes: Mapping[str, Any]) -> tuple[SpanEvent, ...]:
+    """SDK span events from a :attr:`SpanRecord.events` list."""
+    return tuple(
+        _SpanEvent(flat[i], _attributes_of(flat[i + 1], span_attributes), flat[i + 2])
+        for i in range(0, len(flat), 3)
+    )
+
+
+class _FinishedSpan(ReadableSpan):
+    """A finished span that builds its SDK objects (contexts, span events) when they are read.
+
+    Exporters read them in the span processor's thread: the task pays for none of them,
+    and a span waiting in the processor's queue holds only what this object holds.
+    """
+
+    def __init__(self, record: SpanRecord, resource: Resource, status: Status,
+                 end_time: int) -> None:
+        # ReadableSpan.__init__'s assignments, but for the three that are properties here.
+        self._name = record.name
+        self._kind = record.kind
+        self._instrumentation_info = None
+        self._instrumentation_scope = _SCOPE
+        self._start_time = record.start_ns
+        self._end_time = end_time
+        self._attributes = record.attributes
+        self._links = ()
+        self._resource = resource
+        self._status = status
+        self._trace_id = record.trace_id  # ints, not a tuple: nothing more to allocate
+        self._span_id = record.span_id
+        self._parent_id = record.parent_span_id
+        self._event_data: list[Any] | Sequence[SpanEvent] = record.events
+
+    @property
+    def _context(self) -> SpanContext:
+        return span_context(self._trace_id, self._span_id, True)  # only sampled ones get here
+
+    @_context.setter
+    def _context(self, context: SpanContext) -> None:
+        self._trace_id, self._span_id = context.trace_id, context.span_id
+
+    @property
+    def _parent(self) -> SpanContext | None:
+        parent_id = self._parent_id
+        return span_context(self._trace_id, parent_id, True) if parent_id else None
+
+    @_parent.setter
+    def _parent(self, parent: SpanContext | None) -> None:
+        self._parent_id = parent.span_id if parent is not None else 0
+
+    @property
+    def _events(self) -> Sequence[SpanEvent]:
+        data = self._event_data
+        if isinstance(data, list):
+            data = self._event_data = _span_events(data, self._attributes or {})
+        return data
+
+    @_events.setter
+    def _events(self, events: Sequence[SpanEvent]) -> None:
+        self._event_data = tuple(events)
+
+
+def _finished_span_fits() -> bool:
+    """Whether :class:`_FinishedSpan` sets what this SDK's ``ReadableSpan.__init__`` sets."""
+    try:
+        reference = ReadableSpan("x", resource=Resource.get_empty())
+        record = SpanRecord("x", 1, 2, 3, 1, True, events=["e", {}, 1])
+        ours = _FinishedSpan(record, Resource.get_empty(), _UNSET, 2)
+        expected = set(vars(reference)) - {"_events", "_context", "_parent"}
+        ours_only = {"_trace_id", "_span_id", "_parent_id", "_event_data"}
+        return (set(vars(ours)) - ours_only == expected
+                and len(ours.events) == 1 and ours.parent is not None
+                and ours.context.span_id == 2 and ours.context.trace_flags.sampled)
+    except Exception:  # noqa: BLE001 - any surprise: build spans the SDK's way
+        return False
+
+
+_LAZY = _finished_span_fits()
 
 
 def _static_root_decision(sampler: object) -> bool | None:
@@ -192,28 +297,23 @@ class SpanSink:
     def emit(self, record: SpanRecord, end_ns: int) -> None:
         if not record.sampled or self._processor is None:
             return
-        parent = (
-            span_context(record.trace_id, record.parent_span_id, True)
-            if record.parent_span_id else None
-        )
         status = _UNSET if record.error is None else Status(StatusCode.ERROR, record.error)
-        span = ReadableSpan(
-            name=record.name,
-            context=record.context,  # sampled: only sampled spans get here
-            parent=parent,
-            resource=self.provider.resource,
-            attributes=record.attributes,
-            events=[
-                _SpanEvent(name, source if isinstance(source, dict)
-                           else span_event_attributes(source), ts)
-                for name, source, ts in record.events
-            ],
-            kind=record.kind,
-            status=status,
-            start_time=record.start_ns,
-            end_time=max(end_ns, record.start_ns),
-            instrumentation_scope=_SCOPE,
-        )
+        end_ns = max(end_ns, record.start_ns)
+        span: ReadableSpan
+        if _LAZY:
+            span = _FinishedSpan(record, self.provider.resource, status, end_ns)
+        else:
+            parent = (
+                span_context(record.trace_id, record.parent_span_id, True)
+                if record.parent_span_id else None
+            )
+            span = ReadableSpan(
+                name=record.name, context=record.context, parent=parent,
+                resource=self.provider.resource, attributes=record.attributes,
+                events=_span_events(record.events, record.attributes), kind=record.kind,
+                status=status,
+                start_time=record.start_ns, end_time=end_ns, instrumentation_scope=_SCOPE,
+            )
         try:
             self._processor.on_end(span)
         except Exception:

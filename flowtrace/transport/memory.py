@@ -20,8 +20,9 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
+from typing import Any
 
-from flowtrace.events import BaseEvent, Event
+from flowtrace.events import EVENT_CLASSES, BaseEvent, Event
 from flowtrace.transport.base import FROM_BEGINNING, Transport
 
 _ID = re.compile(r"([0-9]+)-([0-9]{1,18})")
@@ -63,9 +64,10 @@ class InMemoryTransport(Transport):
             raise ValueError("maxlen and subscriber_queue_size must be positive")
         self.epoch = new_epoch()
         self._seq = 0
-        # Events only: their seqs are contiguous, the newest being ``_seq`` (no tuple per
-        # event kept alive, which the garbage collector would walk for as long).
-        self._ring: deque[Event] = deque(maxlen=maxlen)
+        # Each event's field dict (its ``__dict__``), not the model: a dict of plain values
+        # is not tracked by the garbage collector, which would otherwise walk 10 000 models
+        # in every full collection. Seqs are contiguous, the newest being ``_seq``.
+        self._ring: deque[dict[str, Any]] = deque(maxlen=maxlen)
         self._queue_size = subscriber_queue_size
         # Weak: a subscribe() whose iterator is dropped unstarted must not pin a queue.
         self._subscribers: weakref.WeakSet[_Queue] = weakref.WeakSet()
@@ -80,8 +82,9 @@ class InMemoryTransport(Transport):
         hold the same object and see the id too, and no copy is made per event.
         """
         seq = self._seq = self._seq + 1
-        event.__dict__["id"] = f"{self.epoch}-{seq}"  # no pydantic __setattr__: hot path
-        self._ring.append(event)  # type: ignore[arg-type]
+        fields = event.__dict__
+        fields["id"] = f"{self.epoch}-{seq}"  # no pydantic __setattr__: hot path
+        self._ring.append(fields)
         fanout = self._fanout
         if fanout is None:
             fanout = self._fanout = tuple(self._subscribers)
@@ -122,7 +125,7 @@ class InMemoryTransport(Transport):
             start = 0
         else:  # seqs in the ring are contiguous: the first one after ``seq`` is at an offset
             start = max(0, seq - self._oldest_seq() + 1)
-        return list(itertools.islice(self._ring, start, None))
+        return [_rebuilt(fields) for fields in itertools.islice(self._ring, start, None)]
 
     async def _iterate(
         self, queue: _Queue, replay: list[Event], replayed_upto: int
@@ -178,6 +181,11 @@ class InMemoryTransport(Transport):
                 queue.put_nowait(None)
         self._subscribers.clear()
         self._fanout = None
+
+
+def _rebuilt(fields: dict[str, Any]) -> Event:
+    """A retained event, as a model again (its own copy of the fields)."""
+    return EVENT_CLASSES[fields["type"]].trusted(dict(fields))  # type: ignore[return-value]
 
 
 async def _yield_all(events: list[Event]) -> AsyncIterator[Event]:
