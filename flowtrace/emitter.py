@@ -48,7 +48,7 @@ class Emitter:
 
     def payload(self, value: Any) -> Any:
         """A bounded, JSON-safe, redacted preview of a task's input or result."""
-        if not self.capture_payloads:
+        if not self.capture_payloads or (value is None and self.redact is None):
             return None
         if self.redact is not None:
             try:

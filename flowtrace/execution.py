@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import enum
-from dataclasses import dataclass
 from typing import Any
 
 from taskiq import TaskiqMessage
@@ -37,17 +36,13 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
-@dataclass(slots=True)
 class Execution:
-    message: TaskiqMessage
-    run: RunContext
-    role: Role
-    step_index: int
-    step_name: str
-    attempt: int
-    steps: list[StepInfo] | None
-    started_wall_ns: int
-    started_perf_ns: int
+    """One message's state from ``pre_execute`` to ``post_save``.
+
+    A plain class: what is rarely set (fan-out, retries, failures) defaults at class
+    level, so building one per message sets nine attributes, not twenty-five.
+    """
+
     fan_out: StepContext | None = None
     """The map/filter step this message belongs to (items, waiter)."""
     span: SpanRecord | None = None
@@ -67,6 +62,19 @@ class Execution:
     monitor: ProgressMonitor | None = None
     span_ends_run: bool = False
     """A plain task's span: it also carries the run's end (and, on attempt 1, is its root)."""
+
+    def __init__(self, message: TaskiqMessage, run: RunContext, role: Role, step_index: int,
+                 step_name: str, attempt: int, steps: list[StepInfo] | None,
+                 started_wall_ns: int, started_perf_ns: int) -> None:
+        self.message = message
+        self.run = run
+        self.role = role
+        self.step_index = step_index
+        self.step_name = step_name
+        self.attempt = attempt
+        self.steps = steps
+        self.started_wall_ns = started_wall_ns
+        self.started_perf_ns = started_perf_ns
 
     @property
     def task_id(self) -> str:

@@ -87,7 +87,7 @@ class _Subscription:
         self.executor: ThreadPoolExecutor | None = None
         self._wakeup: asyncio.Future[None] | None = None
         self._idle: asyncio.Event | None = None
-        self._method_cache: dict[str, list[tuple[str, Any, bool]]] = {}
+        self._method_cache: dict[type[BaseEvent], list[tuple[str, Any, bool]]] = {}
 
     def offer(self, event: BaseEvent, loop: asyncio.AbstractEventLoop) -> bool:
         if self.loop is not loop or self.worker is None:  # a worker that ended is None
@@ -127,7 +127,11 @@ class _Subscription:
                 await self._wakeup
                 continue
             idle.clear()
-            batch = [pending.popleft() for _ in range(min(_BATCH, len(pending)))]
+            if len(pending) <= _BATCH:
+                batch = list(pending)
+                pending.clear()
+            else:
+                batch = [pending.popleft() for _ in range(_BATCH)]
             self.delivering = len(batch)
             try:
                 await self._deliver(batch)
@@ -139,23 +143,25 @@ class _Subscription:
             idle.clear()
             await idle.wait()
 
-    def _methods(self, event_type: str) -> list[tuple[str, Any, bool]]:
-        """``(name, bound method, is_async)`` to call for ``event_type``, looked up once."""
-        found = self._method_cache.get(event_type)
+    def _methods(self, event_class: type[BaseEvent]) -> list[tuple[str, Any, bool]]:
+        """``(name, bound method, is_async)`` to call for ``event_class``, looked up once."""
+        found = self._method_cache.get(event_class)
         if found is None:
             found = []
-            for name in (HOOK_METHODS.get(event_type), "on_event"):
+            for name in (HOOK_METHODS.get(event_class.__name__), "on_event"):
                 method = getattr(self.hook, name, None) if name else None
                 if method is not None:
                     found.append((name or "", method, inspect.iscoroutinefunction(method)))
-            self._method_cache[event_type] = found
+            self._method_cache[event_class] = found
         return found
 
     async def _deliver(self, batch: list[BaseEvent]) -> None:
         """Call the hook for each event in order; runs of sync calls share one thread hop."""
         sync_calls: list[tuple[str, Any, BaseEvent]] = []
+        cache = self._method_cache
         for event in batch:
-            for name, method, is_async in self._methods(type(event).__name__):
+            calls = cache.get(event.__class__) or self._methods(event.__class__)
+            for name, method, is_async in calls:
                 if not is_async:
                     sync_calls.append((name, method, event))
                     continue

@@ -36,6 +36,7 @@ from flowtrace.events import (
     StepProgressEvent,
     StepStartEvent,
     error_text,
+    trusted_event,
 )
 from flowtrace.execution import Execution, Phase, Role, current_execution
 from flowtrace.hooks import HookManager, hooks_of
@@ -110,11 +111,9 @@ def _call_input(args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
-
-
-def _utc_now() -> datetime:
-    """Now, aware UTC (events' timestamps; ``fromtimestamp`` with a zone costs twice as much)."""
-    return datetime.now(timezone.utc)
+_now = datetime.now  # _now(_UTC): events' timestamps (``fromtimestamp`` costs twice as much)
+_UTC = timezone.utc
+_CONSUMER = SpanKind.CONSUMER
 
 
 def _utc(time_ns: int) -> datetime:
@@ -346,7 +345,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             steps = parse_steps(labels.get(PIPELINE_DATA))
             if steps is None or step != 0:
                 return False  # a later hop kicked without flowtrace: its worker picks the run up
-        timestamp, now = _utc_now(), _time_ns()
+        timestamp, now = _now(_UTC), _time_ns()
         run = self._new_run(message, steps, now)
         labels[RUN_LABEL] = run.encode()
         self._emit_pipeline_start(run, message, steps, timestamp)
@@ -385,7 +384,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         names = [s.name for s in steps] if steps else [message.task_name]
         args, kwargs = message.args, message.kwargs
         sampled = run.sampled
-        event = PipelineStartEvent.trusted({
+        event = trusted_event(PipelineStartEvent, {
             "id": None,
             "pipeline_id": run.pipeline_id,
             "pipeline_name": run.name,
@@ -439,7 +438,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         fan_out = StepContext(execution.step_index + 1, new_span_id(), now)
         execution.next_fan_out = fan_out
         span = self._step_span(run, step.name, fan_out.index, 1, step.task_id, now, fan_out.span_id)
-        event = StepStartEvent.trusted({
+        event = trusted_event(StepStartEvent, {
             **_event_ids(run, span),
             "timestamp": _utc(now),
             "type": "StepStartEvent",
@@ -458,14 +457,75 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         try:
             self._keep_placement()
-            self._begin(message)
+            labels = message.labels
+            if CURRENT_STEP in labels or STEP_LABEL in labels or not self._begin_plain(message):
+                self._begin(message)
         except Exception:
             logger.exception(_HOOK_FAILED, "pre_execute")
         return message
 
+    def _begin_plain(self, message: TaskiqMessage) -> bool:
+        """:meth:`_begin` for a plain task's first attempt, the commonest message, in a line.
+
+        False (having done nothing) for anything else: a run without a label, a retry, a
+        task a retry middleware may retry (its trace keeps a root span), an untraced kick.
+        """
+        labels = message.labels
+        label = labels.get(RUN_LABEL)
+        if label is None or labels.get("_retries"):
+            return False
+        run = RunContext.decode(label)
+        sink = self._sink if self._sink_resolved else self.sink
+        if (run is None or run.type != "task" or (sink is not None and not run.trace_id)
+                or (self._retry_middleware is not None and self._retryable(message))):
+            return False
+        timestamp, now, now_perf = _now(_UTC), _time_ns(), _perf_ns()
+        name = message.task_name
+        execution = Execution(message, run, Role.STEP, 0, name, 1, None, now, now_perf)
+        execution.span_ends_run = True
+        current_execution.set(execution)
+        span = trace_hex = span_hex = None
+        if sink is not None:
+            sampled = run.sampled
+            # Its step span is the run's root: it starts at the kick (SPEC §4, one span).
+            span = execution.span = SpanRecord(
+                name, run.trace_id, run.root_span_id, run.parent_span_id, run.started_ns,
+                sampled, _CONSUMER,
+                _step_attributes(run, name, 0, 1, message.task_id) if sampled else {},
+                ["PipelineStartEvent", 1, run.started_ns] if sampled else [],
+            )
+            otel_context.attach(set_span_in_context(NonRecordingSpan(span.context)))
+            if sampled:
+                trace_hex, span_hex = run.trace_hex, run.root_span_hex
+        ids = execution.event_ids = {
+            "id": None,
+            "pipeline_id": run.pipeline_id,
+            "pipeline_name": run.name,
+            "pipeline_type": "task",
+            "trace_id": trace_hex,
+            "span_id": span_hex,
+        }
+        sent = labels.get(KICKED_AT_LABEL)
+        try:
+            queue_wait = max(0.0, (now - int(sent)) / 1e6) if sent is not None else None
+        except (TypeError, ValueError):
+            queue_wait = None
+        self.emitter.emit(trusted_event(StepStartEvent, {
+            **ids,
+            "timestamp": timestamp,
+            "type": "StepStartEvent",
+            "step_name": name,
+            "step_index": 0,
+            "task_id": message.task_id,
+            "attempt": 1,
+            "queue_wait_ms": queue_wait,
+            "worker": self.emitter.worker,
+        }), span, now)
+        return True
+
     def _begin(self, message: TaskiqMessage) -> None:
         """The message's :class:`Execution`, span context and start events."""
-        timestamp, now_wall, now_perf = _utc_now(), _time_ns(), _perf_ns()
+        timestamp, now_wall, now_perf = _now(_UTC), _time_ns(), _perf_ns()
         labels = message.labels
         index = current_step(labels) if CURRENT_STEP in labels else None
         steps = parse_steps(labels.get(PIPELINE_DATA)) if index is not None else None
@@ -487,8 +547,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         )
         retries = labels.get("_retries")
         execution = Execution(message, run, role, step_index, step_name,
-                              int(retries) + 1 if retries else 1, steps, now_wall, now_perf,
-                              fan_out)
+                              int(retries) + 1 if retries else 1, steps, now_wall, now_perf)
+        execution.fan_out = fan_out
         current_execution.set(execution)
         if started_here and (index in (None, 0)) and role is not Role.ITEM:
             self._emit_pipeline_start(run, message, steps, timestamp)
@@ -596,7 +656,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _emit_step_start(self, execution: Execution, labels: dict[str, Any], now: int,
                          timestamp: datetime) -> None:
         sent = kicked_at(labels)
-        event = StepStartEvent.trusted({
+        event = trusted_event(StepStartEvent, {
             **execution.event_ids,  # type: ignore[dict-item]
             "timestamp": timestamp,
             "type": "StepStartEvent",
@@ -615,7 +675,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
         async def report(done: int, failed: int) -> None:
             now = time.time_ns()
-            event = StepProgressEvent.trusted({
+            event = trusted_event(StepProgressEvent, {
                 **execution.event_ids,  # type: ignore[dict-item]
                 "timestamp": _utc(now),
                 "type": "StepProgressEvent",
@@ -693,10 +753,44 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             if execution.monitor is not None:
                 return _guarded(self._after_final_progress(execution, False, self._step_saved),
                                 None, "post_save")
-            self._step_saved(execution)
+            if execution.span_ends_run and not execution.outcome_reported:
+                self._plain_task_succeeded(execution)
+            else:
+                self._step_saved(execution)
         except Exception:
             logger.exception(_HOOK_FAILED, "post_save")
         return None
+
+    def _plain_task_succeeded(self, execution: Execution) -> None:
+        """:meth:`_step_saved` for a plain task: its step and its run end together."""
+        execution.outcome_reported = True
+        timestamp, now = _now(_UTC), _time_ns()
+        result = execution.result_preview = self.emitter.payload(execution.result_preview)
+        ids = execution.event_ids
+        span = execution.span
+        emit = self.emitter.emit
+        emit(trusted_event(StepCompleteEvent, {
+            **ids,  # type: ignore[dict-item]
+            "timestamp": timestamp,
+            "type": "StepCompleteEvent",
+            "step_name": execution.step_name,
+            "step_index": 0,
+            "task_id": execution.message.task_id,
+            "attempt": execution.attempt,
+            "result": result,
+            "duration_ms": execution.duration_ms,
+        }), span, now)
+        emit(trusted_event(PipelineCompleteEvent, {
+            **ids,  # type: ignore[dict-item]
+            "timestamp": timestamp,
+            "type": "PipelineCompleteEvent",
+            "status": "COMPLETED",
+            "duration_ms": max(0.0, (now - execution.run.started_ns) / 1e6),
+            "result": result,
+        }), span, now)
+        if span is not None and self._sink is not None:
+            self._sink.emit(span, now)
+        execution.phase = Phase.DONE
 
     def _step_saved(self, execution: Execution) -> None:
         """The step's result is stored and its next hop kicked (or not): report both."""
@@ -739,13 +833,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
-        timestamp, now = _utc_now(), _time_ns()
+        timestamp, now = _now(_UTC), _time_ns()
         if execution.role is Role.WAITER:
             duration = self._fan_out_duration(execution, now)
         else:
             duration = execution.duration_ms
         execution.result_preview = self.emitter.payload(execution.result_preview)
-        event = StepCompleteEvent.trusted({
+        event = trusted_event(StepCompleteEvent, {
             **execution.event_ids,  # type: ignore[dict-item]
             "timestamp": timestamp,
             "type": "StepCompleteEvent",
@@ -766,12 +860,12 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
-        timestamp, now = _utc_now(), _time_ns()
+        timestamp, now = _now(_UTC), _time_ns()
         duration = execution.duration_ms
         if execution.role is Role.WAITER:
             duration = self._fan_out_duration(execution, now)
         span = execution.span
-        event = StepErrorEvent.trusted({
+        event = trusted_event(StepErrorEvent, {
             **execution.event_ids,  # type: ignore[dict-item]
             "timestamp": timestamp,
             "type": "StepErrorEvent",
@@ -834,9 +928,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             self._sink.emit(span, now)
 
     def _end_run_completed(self, execution: Execution) -> None:
-        run, timestamp, now = execution.run, _utc_now(), _time_ns()
+        run, timestamp, now = execution.run, _now(_UTC), _time_ns()
         root = self._run_end_span(execution)
-        event = PipelineCompleteEvent.trusted({
+        event = trusted_event(PipelineCompleteEvent, {
             **self._run_end_ids(execution, root),
             "timestamp": timestamp,
             "type": "PipelineCompleteEvent",
@@ -850,9 +944,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     def _end_run_failed(self, execution: Execution, exception: BaseException,
                         failed_step: str, failed_index: int) -> None:
-        run, timestamp, now = execution.run, _utc_now(), _time_ns()
+        run, timestamp, now = execution.run, _now(_UTC), _time_ns()
         root = self._run_end_span(execution)
-        event = PipelineErrorEvent.trusted({
+        event = trusted_event(PipelineErrorEvent, {
             **self._run_end_ids(execution, root),
             "timestamp": timestamp,
             "type": "PipelineErrorEvent",

@@ -60,9 +60,39 @@ def derived_trace_ids(pipeline_id: str) -> tuple[int, int]:
     return int.from_bytes(digest[:16], "big") or 1, int.from_bytes(digest[16:24], "big") or 1
 
 
-def span_context(trace_id: int, span_id: int, sampled: bool) -> SpanContext:
+def _checked_span_context(trace_id: int, span_id: int, sampled: bool) -> SpanContext:
     return SpanContext(trace_id, span_id, is_remote=True,
                        trace_flags=_SAMPLED if sampled else _UNSAMPLED)
+
+
+_new_tuple = tuple.__new__
+_DEFAULT_STATE = _checked_span_context(1, 1, True).trace_state
+_MAX_TRACE_ID = 2**128 - 1
+_MAX_SPAN_ID = 2**64 - 1
+
+
+def _direct_span_context(trace_id: int, span_id: int, sampled: bool) -> SpanContext:
+    """What ``SpanContext(...)`` builds, without its Python ``__new__`` (ids flowtrace made)."""
+    return _new_tuple(SpanContext, (
+        trace_id, span_id, True, _SAMPLED if sampled else _UNSAMPLED, _DEFAULT_STATE,
+        0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID,
+    ))
+
+
+def _direct_construction_fits() -> bool:
+    """Whether this SDK's SpanContext is still the 6-tuple :func:`_direct_span_context` builds."""
+    try:
+        return all(
+            _direct_span_context(*ids) == _checked_span_context(*ids)
+            and _direct_span_context(*ids).is_valid == _checked_span_context(*ids).is_valid
+            for ids in ((5, 7, True), (5, 7, False), (0, 7, True), (2**127, 2**63, True))
+        )
+    except Exception:  # noqa: BLE001 - any surprise: use the SDK's constructor
+        return False
+
+
+span_context = _direct_span_context if _direct_construction_fits() else _checked_span_context
+"""A remote, valid SpanContext for ids flowtrace allocated (``sampled`` sets its flags)."""
 
 
 def current_parent() -> SpanContext | None:
