@@ -35,10 +35,10 @@ def _tasks(n: int) -> int:
     return n + max(100, n // 5)
 
 
-def _instructions(variant: str, n: int) -> int:
+def _instructions(variant: str, n: int, workload: str = "noop") -> int:
     proc = python_child(
-        ["-m", "benchmarks.overhead", "--child", variant, "--workloads", "noop",
-         "--sizes", json.dumps({"noop": n}), "--reps", "1"],
+        ["-m", "benchmarks.overhead", "--child", variant, "--workloads", workload,
+         "--sizes", json.dumps({workload: n}), "--reps", "1"],
         wrapper=["valgrind", "--tool=cachegrind", "--cache-sim=no",
                  "--cachegrind-out-file=/dev/null"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -58,11 +58,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
     small, large = SIZES
-    jobs = [(variant, n) for variant in VARIANTS for n in (small, large)]
+    jobs = [(variant, n, "noop") for variant in VARIANTS for n in (small, large)]
+    # The same with spans encoded to OTLP protobuf by the exporter (bare has none).
+    jobs += [(variant, n, "noop_otlp") for variant in VARIANTS[1:] for n in (small, large)]
     with ThreadPoolExecutor(2) as pool:  # one valgrind per core
         counts = dict(zip(jobs, pool.map(lambda job: _instructions(*job), jobs), strict=True))
-    per_task = {v: (counts[v, large] - counts[v, small]) / (_tasks(large) - _tasks(small))
+    extra = _tasks(large) - _tasks(small)
+    per_task = {v: (counts[v, large, "noop"] - counts[v, small, "noop"]) / extra
                 for v in VARIANTS}
+    encoded = {v: (counts[v, large, "noop_otlp"] - counts[v, small, "noop_otlp"]) / extra
+               for v in VARIANTS[1:]}
     bare, otel, ours = per_task["bare"], per_task["otel_prom"], per_task["flowtrace"]
     return {
         "tool": "valgrind --tool=cachegrind --cache-sim=no",
@@ -71,6 +76,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         "overhead_per_task": {"otel_prom": otel - bare, "flowtrace": ours - bare},
         # As throughput ratios (higher is better for flowtrace), comparable with ``overhead``.
         "ratios": {"flowtrace_vs_otel_prom": otel / ours, "flowtrace_vs_bare": bare / ours},
+        "otlp_encoded": {
+            "instructions_per_task": encoded,
+            "encoding_per_task": {v: encoded[v] - per_task[v] for v in encoded},
+            "ratios": {"flowtrace_vs_otel_prom": encoded["otel_prom"] / encoded["flowtrace"],
+                       "flowtrace_vs_bare": bare / encoded["flowtrace"]},
+        },
     }
 
 

@@ -18,6 +18,9 @@ Workloads (every one kicks N messages, then awaits every result):
 - ``work_1ms``: 1 ms of CPU (a busy loop): what instrumentation costs next to real work.
 - ``pipeline3``: a taskiq-pipelines pipeline of three no-op steps (``PipelineMiddleware``
   in every variant); pipelines/s.
+- ``noop_otlp``: ``noop`` with an exporter that also encodes every batch to OTLP protobuf,
+  as the OTLP exporters do before sending: what exporting the spans costs, which the
+  in-memory exporter of the other workloads never pays (bare has no exporter: = noop).
 
 The parent runs ``rounds`` rounds, each starting every variant once (interleaved, so
 that machine noise hits all of them alike); a child measures each workload ``reps``
@@ -39,9 +42,9 @@ from typing import Any
 from benchmarks.common import flowtrace_location, free_port, median, run_json_child
 
 VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook")
-WORKLOADS = ("noop", "work_1ms", "pipeline3")
-SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500}
-QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300}
+WORKLOADS = ("noop", "work_1ms", "pipeline3", "noop_otlp")
+SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
+QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
 WINDOW = 100
 """Messages in flight at most: taskiq's worker default ``--max-async-tasks``."""
 
@@ -62,12 +65,29 @@ class SyncHook(_Counter):
         self.events += 1
 
 
+def _exporter() -> Any:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    class Exporter(InMemorySpanExporter):
+        """Keeps spans in memory; with ``encode`` set, first encodes each batch to OTLP
+        protobuf bytes as the OTLP exporters do (everything but the network)."""
+
+        encode = False
+
+        def export(self, spans: Any) -> Any:
+            if self.encode:
+                encode_spans(spans).SerializeToString()
+            return super().export(spans)
+
+    return Exporter()
+
+
 def _provider(processor: str) -> tuple[Any, Any]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    exporter = InMemorySpanExporter()
+    exporter = _exporter()
     provider = TracerProvider()
     if processor == "simple":
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -176,11 +196,13 @@ async def _child(variant: str, processor: str, workloads: list[str], sizes: dict
             events_before = hook.events if hook is not None else 0
             start, cpu_start = time.perf_counter(), time.process_time()
             published_before = middleware.transport._seq if middleware is not None else 0
+            if exporter is not None:
+                exporter.encode = workload == "noop_otlp"
             if workload == "pipeline3":
                 pipe = Pipeline(broker, step).call_next(step).call_next(step)
                 ids = await _kick_windowed(lambda: pipe.kiq(0), n, broker, window)
             else:
-                task = noop if workload == "noop" else work_1ms
+                task = work_1ms if workload == "work_1ms" else noop
                 ids = await _kick_windowed(task.kiq, n, broker, window)
             if middleware is not None and hook is not None:
                 published = middleware.transport._seq - published_before

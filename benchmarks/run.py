@@ -33,7 +33,7 @@ def _overhead_table(o: dict[str, Any]) -> str:
     med, cpu = o["median"]["per_s"], o["median"]["per_cpu_s"]
     rows = []
     for workload, unit in (("noop", "tasks/s"), ("work_1ms", "tasks/s"),
-                           ("pipeline3", "pipelines/s")):
+                           ("pipeline3", "pipelines/s"), ("noop_otlp", "tasks/s")):
         for variant in med:
             rows.append([workload, variant, f"{med[variant][workload]:,.0f} {unit}",
                          f"{cpu[variant][workload]:,.0f}",

@@ -66,7 +66,9 @@ class Emitter:
     def emit(self, event: BaseEvent, span: SpanRecord | None, time_ns: int) -> None:
         """Hand ``event`` to its span, the hooks and the transport; never waits."""
         if span is not None and span.sampled:
-            span.events += (event.__class__.__name__, event.__dict__, time_ns)
-        if self.hooks is not None:
-            self.hooks.emit_nowait(event)
+            fields = event.__dict__
+            span.events += (fields["type"], fields, time_ns)
+        hooks = self.hooks
+        if hooks is not None:
+            hooks.emit_nowait(event)
         self.transport.publish_nowait(event)

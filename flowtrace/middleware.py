@@ -309,8 +309,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     # Sending ---------------------------------------------------------------
 
     def pre_send(self, message: TaskiqMessage) -> MaybeAwaitable[TaskiqMessage]:
+        # No placement check: the order of middlewares matters where messages execute.
         try:
-            self._keep_placement()
             labels = message.labels
             labels[KICKED_AT_LABEL] = str(_time_ns())
             execution = current_execution.get()
@@ -367,7 +367,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if parent is None:
             trace_id = new_trace_id()
             return RunContext(run_id, name, kind, started_ns, trace_id, new_span_id(), 0,
-                              sink.sample(trace_id, f"pipeline {name}", None))
+                              sink.sample(trace_id, name, None))
         return RunContext(run_id, name, kind, started_ns, parent.trace_id, new_span_id(),
                           parent.span_id, parent.trace_flags.sampled)
 
@@ -375,7 +375,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         """Trace a run whose kicker did not: every tracing worker derives the same ids."""
         assert self.sink is not None
         trace_id, root_span_id = derived_trace_ids(run.pipeline_id)
-        sampled = self.sink.sample(trace_id, f"pipeline {run.name}", None)
+        sampled = self.sink.sample(trace_id, run.name, None)
         return dataclasses.replace(run, trace_id=trace_id, root_span_id=root_span_id,
                                    sampled=sampled)
 

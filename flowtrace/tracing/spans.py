@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import Event as SpanEvent
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 from flowtrace import __version__
@@ -97,7 +97,10 @@ span_context = _direct_span_context if _direct_construction_fits() else _checked
 
 def current_parent() -> SpanContext | None:
     """The span active in the caller (a FastAPI request, say), if any."""
-    context = trace.get_current_span().get_span_context()
+    span = trace.get_current_span()
+    if span is INVALID_SPAN:  # nothing is current: the usual case, answered at once
+        return None
+    context = span.get_span_context()
     return context if context.is_valid else None
 
 
@@ -240,18 +243,10 @@ class _FinishedSpan(ReadableSpan):
         self._links = ()
         self._resource = resource
         self._status = status
-        self._trace_id = record.trace_id  # ints, not a tuple: nothing more to allocate
-        self._span_id = record.span_id
-        self._parent_id = record.parent_span_id
+        self._context = record.context  # made when the span was made current
+        self._trace_id = record.trace_id
+        self._parent_id = record.parent_span_id  # its context is built only if read
         self._event_data: list[Any] | Sequence[SpanEvent] = record.events
-
-    @property
-    def _context(self) -> SpanContext:
-        return span_context(self._trace_id, self._span_id, True)  # only sampled ones get here
-
-    @_context.setter
-    def _context(self, context: SpanContext) -> None:
-        self._trace_id, self._span_id = context.trace_id, context.span_id
 
     @property
     def _parent(self) -> SpanContext | None:
@@ -280,8 +275,8 @@ def _finished_span_fits() -> bool:
         reference = ReadableSpan("x", resource=Resource.get_empty())
         record = SpanRecord("x", 1, 2, 3, 1, True, events=["e", {}, 1])
         ours = _FinishedSpan(record, Resource.get_empty(), _UNSET, 2)
-        expected = set(vars(reference)) - {"_events", "_context", "_parent"}
-        ours_only = {"_trace_id", "_span_id", "_parent_id", "_event_data"}
+        expected = set(vars(reference)) - {"_events", "_parent"}
+        ours_only = {"_trace_id", "_parent_id", "_event_data"}
         return (set(vars(ours)) - ours_only == expected
                 and len(ours.events) == 1 and ours.parent is not None
                 and ours.context.span_id == 2 and ours.context.trace_flags.sampled)
@@ -311,14 +306,15 @@ class SpanSink:
         self._processor = getattr(provider, "_active_span_processor", None)
         self._root_decision = _static_root_decision(provider.sampler)
 
-    def sample(self, trace_id: int, name: str, parent: SpanContext | None) -> bool:
-        """Whether a new run is recorded: the parent's decision, else the provider's sampler."""
+    def sample(self, trace_id: int, run_name: str, parent: SpanContext | None) -> bool:
+        """Whether a new run is recorded: the parent's decision, else the provider's sampler
+        (asked about the root span, ``pipeline {run_name}``)."""
         if parent is not None:
             return parent.trace_flags.sampled
         if self._root_decision is not None:
             return self._root_decision
         try:
-            result = self.provider.sampler.should_sample(None, trace_id, name)
+            result = self.provider.sampler.should_sample(None, trace_id, f"pipeline {run_name}")
             return bool(result.decision.is_sampled())  # type: ignore[no-untyped-call]
         except Exception:
             logger.exception("flowtrace: sampler failed; recording the run")
