@@ -432,6 +432,25 @@ async def test_hook_filters_and_clean_shutdown_delivers_queued_events() -> None:
     assert [e.pipeline_id for e in seen.events] == ["nope"]
 
 
+def test_hooks_keep_delivering_after_their_event_loop_ends() -> None:
+    """A script may run its kicks in two ``asyncio.run`` calls: the first loop cancels the
+    hook's worker, the next event starts another one on the new loop."""
+    from flowtrace.events import PipelineStartEvent
+
+    hooks = HookManager()
+    seen = Collector()
+    hooks.add_hook(seen)
+
+    async def dispatch_and_see(pipeline_id: str) -> None:
+        await hooks.dispatch(PipelineStartEvent(pipeline_id=pipeline_id))
+        await async_wait_until(lambda: bool(seen.of(pipeline_id)), timeout=5,
+                               message=f"{pipeline_id} delivered")
+
+    asyncio.run(dispatch_and_see("first loop"))
+    asyncio.run(dispatch_and_see("second loop"))
+    assert [e.pipeline_id for e in seen.events] == ["first loop", "second loop"]
+
+
 async def test_pipeline_id_is_what_kiq_returns_and_kicker_publishes_start_first() -> None:
     broker, collector, middleware = build()
     await broker.startup()

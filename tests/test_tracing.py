@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ from flowtrace.events import (
     StepStartEvent,
 )
 from flowtrace.middleware import FlowtraceMiddleware
+from flowtrace.tracing.spans import span_event_attributes
 from flowtrace.transport import RedisStreamTransport
 from flowtrace.transport.base import FROM_BEGINNING
 from tests.fleet_app.tracing_worker import make_broker, register_tasks
@@ -656,6 +658,12 @@ async def test_in_process_plain_task_is_one_span_unless_it_may_be_retried() -> N
             assert event.span_id is not None
             span = by_id[int(event.span_id, 16)]
             assert event.type in event_names(span), (event, event_names(span))
+            # SPEC §4: the span event's attributes are the event's scalar fields, prefixed.
+            (span_event,) = [e for e in span.events if e.name == event.type]
+            assert dict(span_event.attributes or {}) == span_event_attributes(event.__dict__)
+        for span in spans:  # what the console exporter reads (private fields of the SDK)
+            assert json.loads(span.to_json())["events"][0]["name"] == "PipelineStartEvent" or (
+                span.parent is not None)
 
     # A run that ends in its first attempt: one span, the root, named after the task.
     (ok,) = spans_of(ids["ok"])

@@ -50,6 +50,8 @@ def check_common(events: list[BaseEvent], pipeline_id: str, name: str, kind: str
         assert event.pipeline_type == kind
         assert event.timestamp.tzinfo is not None
         assert parse_event(event.model_dump(mode="json")).model_dump() == event.model_dump()
+        # Built without validation on the hot path: every field, in declared order.
+        assert list(event.__dict__) == list(type(event).model_fields), type(event).__name__
     started: set[int] = set()
     finished: set[int] = set()
     for event in events:
