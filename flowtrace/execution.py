@@ -67,6 +67,7 @@ class Execution:
                  step_name: str, attempt: int, steps: list[StepInfo] | None,
                  started_wall_ns: int, started_perf_ns: int) -> None:
         self.message = message
+        self.task_id = message.task_id
         self.run = run
         self.role = role
         self.step_index = step_index
@@ -75,10 +76,6 @@ class Execution:
         self.steps = steps
         self.started_wall_ns = started_wall_ns
         self.started_perf_ns = started_perf_ns
-
-    @property
-    def task_id(self) -> str:
-        return self.message.task_id
 
     @property
     def is_last_step(self) -> bool:

@@ -226,6 +226,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self._sink: SpanSink | None = None
         self._sink_resolved = False
         self._tail = _ErrorCapture()
+        self._chain: list[TaskiqMiddleware] | None = None
         self._chain_length = 0
         self._retry_middleware: TaskiqMiddleware | None = None
         """The first middleware that may retry a failed task (taskiq's Simple/SmartRetry)."""
@@ -248,6 +249,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             # A new list: a hook loop iterating the old one is not disturbed.
             chain = broker.middlewares = [self, *others, self._tail]
             self._wrap_result_backend(broker)
+        self._chain = chain
         self._chain_length = len(chain)
         self._retry_middleware = next(
             (m for m in chain if getattr(m, "default_retry_label", None) is not None), None)
@@ -257,8 +259,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         broker = self.broker
         if broker is not None:
             chain = broker.middlewares
-            if (len(chain) != self._chain_length or chain[0] is not self
-                    or chain[-1] is not self._tail):
+            # Added to (in place, by add_middlewares) or replaced since last checked.
+            if chain is not self._chain or len(chain) != self._chain_length:
                 self.ensure_placement()
 
     def _wrap_result_backend(self, broker: AsyncBroker) -> None:
@@ -775,7 +777,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "type": "StepCompleteEvent",
             "step_name": execution.step_name,
             "step_index": 0,
-            "task_id": execution.message.task_id,
+            "task_id": execution.task_id,
             "attempt": execution.attempt,
             "result": result,
             "duration_ms": execution.duration_ms,
