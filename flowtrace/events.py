@@ -83,19 +83,25 @@ E = TypeVar("E", bound=BaseEvent)
 _new = object.__new__
 
 
+_trusted_fields: dict[type[BaseEvent], set[str]] = {}
+"""The classes :func:`trusted_event` builds directly, with their shared fields-set. A dict:
+an attribute of a pydantic model class goes through its metaclass's ``__getattr__`` hook."""
+
+
 def trusted_event(cls: type[E], fields: dict[str, Any]) -> E:
     """:meth:`BaseEvent.trusted` given every field, in declared order (the middleware's path).
 
     ``fields`` becomes the event's own dict. A function, not a classmethod: no bound
     method to allocate per event.
     """
-    if cls._template is None:
+    names = _trusted_fields.get(cls)
+    if names is None:
         return cls(**fields)
     event = _new(cls)
     _set_dict(event, fields)
     # Every field is set; one set per class is shared: pydantic only ever adds a field
     # name to it (on assignment), and every field name is in it already.
-    _set_fields_set(event, cls._field_names)
+    _set_fields_set(event, names)
     _set_extra(event, None)
     _set_private(event, None)
     return event
@@ -208,13 +214,14 @@ def _enable_trusted_construction(cls: type[BaseEvent]) -> None:
         return
     try:
         cls._template = template
-        cls._field_names = set(template)
+        cls._field_names = _trusted_fields[cls] = set(template)
         fast = cls.trusted(sample)
         same = fast.model_dump_json() == cls(**sample).model_dump_json() and fast == cls(**sample)
     except Exception:  # noqa: BLE001 - any surprise: keep validating
         same = False
     if not same:
         cls._template = None
+        _trusted_fields.pop(cls, None)
 
 
 for _cls in EVENT_CLASSES.values():

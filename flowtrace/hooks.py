@@ -166,7 +166,8 @@ class _Subscription:
         sync_calls: list[tuple[str, Any, BaseEvent]] = []
         cache = self._method_cache
         for event in batch:
-            calls = cache.get(event.__class__) or self._methods(event.__class__)
+            kind = type(event)
+            calls = cache.get(kind) or self._methods(kind)
             for name, method, is_async in calls:
                 if not is_async:
                     sync_calls.append((name, method, event))
