@@ -348,14 +348,14 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             if steps is None or step != 0:
                 return False  # a later hop kicked without flowtrace: its worker picks the run up
         timestamp, now = _now(_UTC), _time_ns()
-        run = self._new_run(message, steps, now)
+        run = self._new_run(message, steps, now, labels)
         labels[RUN_LABEL] = run.encode()
         self._emit_pipeline_start(run, message, steps, timestamp)
         return True
 
     def _new_run(self, message: TaskiqMessage, steps: list[StepInfo] | None,
-                 started_ns: int) -> RunContext:
-        explicit_name = message.labels.get(NAME_LABEL)
+                 started_ns: int, labels: dict[str, Any]) -> RunContext:
+        explicit_name = labels.get(NAME_LABEL)
         if steps:
             run_id, kind, name = steps[-1].task_id, "sequential", steps[0].name
         else:
@@ -460,19 +460,20 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         try:
             self._keep_placement()
             labels = message.labels
-            if CURRENT_STEP in labels or STEP_LABEL in labels or not self._begin_plain(message):
+            if (CURRENT_STEP in labels or STEP_LABEL in labels
+                    or not self._begin_plain(message, labels)):
                 self._begin(message)
         except Exception:
             logger.exception(_HOOK_FAILED, "pre_execute")
         return message
 
-    def _begin_plain(self, message: TaskiqMessage) -> bool:
+    def _begin_plain(self, message: TaskiqMessage, labels: dict[str, Any]) -> bool:
         """:meth:`_begin` for a plain task's first attempt, the commonest message, in a line.
 
         False (having done nothing) for anything else: a run without a label, a retry, a
         task a retry middleware may retry (its trace keeps a root span), an untraced kick.
+        Reads each field of the message once: a pydantic model's attribute costs a hook call.
         """
-        labels = message.labels
         label = labels.get(RUN_LABEL)
         if label is None or labels.get("_retries"):
             return False
@@ -484,6 +485,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         timestamp, now, now_perf = _now(_UTC), _time_ns(), _perf_ns()
         name = message.task_name
         execution = Execution(message, run, Role.STEP, 0, name, 1, None, now, now_perf)
+        task_id = execution.task_id
         execution.span_ends_run = True
         current_execution.set(execution)
         span = trace_hex = span_hex = None
@@ -493,7 +495,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             span = execution.span = SpanRecord(
                 name, run.trace_id, run.root_span_id, run.parent_span_id, run.started_ns,
                 sampled, _CONSUMER,
-                _step_attributes(run, name, 0, 1, message.task_id) if sampled else {},
+                _step_attributes(run, name, 0, 1, task_id) if sampled else {},
                 ["PipelineStartEvent", 1, run.started_ns] if sampled else [],
             )
             otel_context.attach(set_span_in_context(NonRecordingSpan(span.context)))
@@ -518,7 +520,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "type": "StepStartEvent",
             "step_name": name,
             "step_index": 0,
-            "task_id": message.task_id,
+            "task_id": task_id,
             "attempt": 1,
             "queue_wait_ms": queue_wait,
             "worker": self.emitter.worker,
@@ -537,7 +539,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         run = RunContext.decode(run_label) if run_label is not None else None
         started_here = run is None
         if run is None:
-            run = self._new_run(message, steps, now_wall)
+            run = self._new_run(message, steps, now_wall, labels)
             labels[RUN_LABEL] = run.encode()
         elif not run.trace_id and self.sink is not None:
             run = self._adopt_run(run)  # kicked by a process that does not trace
