@@ -72,6 +72,10 @@ def _summary_table(results: dict[str, Any]) -> str:
                      f"{med['flowtrace']['noop'] / med['bare']['noop']:.2f}x "
                      f"(CPU {cpu['flowtrace']['noop'] / cpu['bare']['noop']:.2f}x)",
                      _met(o["targets"], "0.5x")])
+        if "noop_otlp" in med["flowtrace"]:
+            rows.append(["overhead: noop, spans encoded to OTLP, flowtrace vs otel+prom", "-",
+                         f"{med['flowtrace']['noop_otlp'] / med['otel_prom']['noop_otlp']:.2f}x"
+                         f" ({med['flowtrace']['noop_otlp']:,.0f} tasks/s)", "-"])
     i = results.get("instructions")
     if i and "ratios" in i:
         per_task = i["instructions_per_task"]
@@ -79,6 +83,12 @@ def _summary_table(results: dict[str, Any]) -> str:
                      "-", f"{per_task['flowtrace']:,.0f} vs {per_task['otel_prom']:,.0f}, "
                      f"{per_task['bare']:,.0f} ({i['ratios']['flowtrace_vs_otel_prom']:.2f}x, "
                      f"{i['ratios']['flowtrace_vs_bare']:.2f}x)", "-"])
+        encoded = i.get("otlp_encoded")
+        if encoded:
+            per_task = encoded["instructions_per_task"]
+            rows.append(["instructions, spans encoded to OTLP: flowtrace vs otel+prom", "-",
+                         f"{per_task['flowtrace']:,.0f} vs {per_task['otel_prom']:,.0f} "
+                         f"({encoded['ratios']['flowtrace_vs_otel_prom']:.2f}x)", "-"])
     elif i:
         rows.append(["instructions per no-op task (valgrind)", "-", i["skipped"], "-"])
     f = results.get("fanout")
