@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from flowtrace.events import EVENT_CLASSES, BaseEvent, Event
+from flowtrace.events import EVENT_CLASSES, BaseEvent, Event, trusted_event
 from flowtrace.transport.base import FROM_BEGINNING, Transport
 
 _ID = re.compile(r"([0-9]+)-([0-9]{1,18})")
@@ -185,7 +185,7 @@ class InMemoryTransport(Transport):
 
 def _rebuilt(fields: dict[str, Any]) -> Event:
     """A retained event, as a model again (its own copy of the fields)."""
-    return EVENT_CLASSES[fields["type"]].trusted(dict(fields))  # type: ignore[return-value]
+    return trusted_event(EVENT_CLASSES[fields["type"]], dict(fields))  # type: ignore[return-value]
 
 
 async def _yield_all(events: list[Event]) -> AsyncIterator[Event]:
