@@ -56,7 +56,6 @@ class BaseEvent(BaseModel):
     timestamp: datetime = Field(default_factory=utc_now)
 
     _template: ClassVar[dict[str, Any] | None] = None
-    _field_names: ClassVar[set[str]] = set()
 
     @field_validator("timestamp")
     @classmethod
@@ -214,7 +213,7 @@ def _enable_trusted_construction(cls: type[BaseEvent]) -> None:
         return
     try:
         cls._template = template
-        cls._field_names = _trusted_fields[cls] = set(template)
+        _trusted_fields[cls] = set(template)
         fast = cls.trusted(sample)
         same = fast.model_dump_json() == cls(**sample).model_dump_json() and fast == cls(**sample)
     except Exception:  # noqa: BLE001 - any surprise: keep validating

@@ -90,24 +90,19 @@ class _Subscription:
         self._method_cache: dict[type[BaseEvent], list[tuple[str, Any, bool]]] = {}
 
     def offer(self, event: BaseEvent, loop: asyncio.AbstractEventLoop) -> bool:
-        """Queue ``event`` (False when the backlog is full). ``HookManager.emit_nowait``
-        does the same inline."""
+        """Queue ``event`` (False when the backlog is full)."""
         if self.loop is not loop or self.worker is None:  # a worker that ended is None
             self._start(loop)
         pending = self.pending
         if len(pending) >= self.backlog:
             return False
         pending.append(event)
-        if self._wakeup is not None:
-            self.wake()
-        return True
-
-    def wake(self) -> None:
-        """Wake the worker waiting for an empty backlog to fill."""
         wakeup = self._wakeup
-        self._wakeup = None
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+        if wakeup is not None:  # the worker waits for an empty backlog to fill
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+        return True
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.loop is not loop:
@@ -256,18 +251,10 @@ class HookManager:
         except RuntimeError:
             self._drop("no_event_loop")
             return
-        for subscription in subscriptions:  # _Subscription.offer, inlined: once per event
-            if subscription.filter is not None and not subscription.filter.matches(event):
-                continue
-            if subscription.loop is not loop or subscription.worker is None:
-                subscription._start(loop)
-            pending = subscription.pending
-            if len(pending) >= subscription.backlog:
+        for subscription in subscriptions:
+            wanted = subscription.filter is None or subscription.filter.matches(event)
+            if wanted and not subscription.offer(event, loop):
                 self._drop("hook_backlog")
-                continue
-            pending.append(event)
-            if subscription._wakeup is not None:
-                subscription.wake()
 
     def _passes_filters(self, event: BaseEvent) -> bool:
         """Every manager-wide filter passes (not a genexpr in ``emit_nowait``: its closure

@@ -108,7 +108,6 @@ class StepContext:
             return None
 
 
-_json_str = json.encoder.encode_basestring_ascii
 _scan_json = json.decoder.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 

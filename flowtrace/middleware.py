@@ -21,7 +21,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import NonRecordingSpan, SpanKind, set_span_in_context
+from opentelemetry.trace import SpanKind, set_span_in_context
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.exceptions import NoResultError
 
@@ -366,12 +366,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if sink is None:
             return RunContext(run_id, name, kind, started_ns)
         parent = current_parent()
-        if parent is None:
-            trace_id = new_trace_id()
-            return RunContext(run_id, name, kind, started_ns, trace_id, new_span_id(), 0,
-                              sink.sample(trace_id, name, None))
-        return RunContext(run_id, name, kind, started_ns, parent.trace_id, new_span_id(),
-                          parent.span_id, parent.trace_flags.sampled)
+        trace_id = parent.trace_id if parent is not None else new_trace_id()
+        return RunContext(run_id, name, kind, started_ns, trace_id, new_span_id(),
+                          parent.span_id if parent is not None else 0,
+                          sink.sample(trace_id, name, parent))
 
     def _adopt_run(self, run: RunContext) -> RunContext:
         """Trace a run whose kicker did not: every tracing worker derives the same ids."""
@@ -472,7 +470,6 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
         False (having done nothing) for anything else: a run without a label, a retry, a
         task a retry middleware may retry (its trace keeps a root span), an untraced kick.
-        Reads each field of the message once: a pydantic model's attribute costs a hook call.
         """
         label = labels.get(RUN_LABEL)
         if label is None or labels.get("_retries"):
@@ -483,48 +480,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 or (self._retry_middleware is not None and self._retryable(message))):
             return False
         timestamp, now, now_perf = _now(_UTC), _time_ns(), _perf_ns()
-        name = message.task_name
-        execution = Execution(message, run, Role.STEP, 0, name, 1, None, now, now_perf)
-        task_id = execution.task_id
+        execution = Execution(message, run, Role.STEP, 0, message.task_name, 1, None, now,
+                              now_perf)
         execution.span_ends_run = True
         current_execution.set(execution)
-        span = trace_hex = span_hex = None
-        if sink is not None:
-            sampled = run.sampled
-            # Its step span is the run's root: it starts at the kick (SPEC §4, one span).
-            span = execution.span = SpanRecord(
-                name, run.trace_id, run.root_span_id, run.parent_span_id, run.started_ns,
-                sampled, _CONSUMER,
-                _step_attributes(run, name, 0, 1, task_id) if sampled else {},
-                ["PipelineStartEvent", 1, run.started_ns] if sampled else [],
-            )
-            otel_context.attach(set_span_in_context(NonRecordingSpan(span.context)))
-            if sampled:
-                trace_hex, span_hex = run.trace_hex, run.root_span_hex
-        ids = execution.event_ids = {
-            "id": None,
-            "pipeline_id": run.pipeline_id,
-            "pipeline_name": run.name,
-            "pipeline_type": "task",
-            "trace_id": trace_hex,
-            "span_id": span_hex,
-        }
-        sent = labels.get(KICKED_AT_LABEL)
-        try:
-            queue_wait = max(0.0, (now - int(sent)) / 1e6) if sent is not None else None
-        except (TypeError, ValueError):
-            queue_wait = None
-        self.emitter.emit(trusted_event(StepStartEvent, {
-            **ids,
-            "timestamp": timestamp,
-            "type": "StepStartEvent",
-            "step_name": name,
-            "step_index": 0,
-            "task_id": task_id,
-            "attempt": 1,
-            "queue_wait_ms": queue_wait,
-            "worker": self.emitter.worker,
-        }), span, now)
+        span = self._root_step_span(execution) if sink is not None else None
+        self._enter(execution, span)
+        self._emit_step_start(execution, labels, now, timestamp)
         return True
 
     def _begin(self, message: TaskiqMessage) -> None:
@@ -556,17 +518,23 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         current_execution.set(execution)
         if started_here and (index in (None, 0)) and role is not Role.ITEM:
             self._emit_pipeline_start(run, message, steps, timestamp)
-        span = self._execution_span(execution, now_wall)
-        execution.event_ids = _event_ids(run, span)
-        if span is not None:
-            execution.span = span
-            # User spans in the task nest under the step. Never detached: taskiq runs each
-            # message in its own asyncio task, whose context ends with it.
-            otel_context.attach(set_span_in_context(NonRecordingSpan(span.context)))
+        self._enter(execution, self._execution_span(execution, now_wall))
         if role is Role.STEP or (role is Role.WAITER and fan_out is None):
             self._emit_step_start(execution, labels, now_wall, timestamp)
         if role is Role.WAITER:
             self._start_monitor(execution, message)
+
+    @staticmethod
+    def _enter(execution: Execution, span: SpanRecord | None) -> None:
+        """Give the execution its span and its events' ids, and make the span current.
+
+        User spans in the task nest under it. Never detached: taskiq runs each message in
+        its own asyncio task, whose context ends with it.
+        """
+        execution.event_ids = _event_ids(execution.run, span)
+        if span is not None:
+            execution.span = span
+            otel_context.attach(set_span_in_context(span.as_current()))
 
     @staticmethod
     def _role_of(message: TaskiqMessage, fan_out: StepContext | None,
@@ -626,12 +594,19 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.attempt > 1:  # retried by a middleware flowtrace does not know
             return self._step_span(run, execution.step_name, execution.step_index,
                                    execution.attempt, execution.task_id, now, new_span_id())
-        span = SpanRecord(execution.step_name, run.trace_id, run.root_span_id, run.parent_span_id,
-                          run.started_ns, run.sampled, SpanKind.CONSUMER)
-        if run.sampled:
-            span.attributes = _step_attributes(run, execution.step_name, 0, 1, execution.task_id)
-            self._add_pipeline_start(span, run, 1)
-        return span
+        return self._root_step_span(execution)
+
+    @staticmethod
+    def _root_step_span(execution: Execution) -> SpanRecord:
+        """A plain task's one span: the run's root, from the kick, with its PipelineStart."""
+        run, name = execution.run, execution.step_name
+        sampled = run.sampled
+        return SpanRecord(
+            name, run.trace_id, run.root_span_id, run.parent_span_id, run.started_ns, sampled,
+            _CONSUMER,
+            _step_attributes(run, name, 0, 1, execution.task_id) if sampled else {},
+            ["PipelineStartEvent", 1, run.started_ns] if sampled else [],
+        )
 
     def _retryable(self, message: TaskiqMessage) -> bool:
         """Whether taskiq's Simple/SmartRetryMiddleware on this broker may retry ``message``.
@@ -757,44 +732,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             if execution.monitor is not None:
                 return _guarded(self._after_final_progress(execution, False, self._step_saved),
                                 None, "post_save")
-            if execution.span_ends_run and not execution.outcome_reported:
-                self._plain_task_succeeded(execution)
-            else:
-                self._step_saved(execution)
+            self._step_saved(execution)
         except Exception:
             logger.exception(_HOOK_FAILED, "post_save")
         return None
-
-    def _plain_task_succeeded(self, execution: Execution) -> None:
-        """:meth:`_step_saved` for a plain task: its step and its run end together."""
-        execution.outcome_reported = True
-        timestamp, now = _now(_UTC), _time_ns()
-        result = execution.result_preview = self.emitter.payload(execution.result_preview)
-        ids = execution.event_ids
-        span = execution.span
-        emit = self.emitter.emit
-        emit(trusted_event(StepCompleteEvent, {
-            **ids,  # type: ignore[dict-item]
-            "timestamp": timestamp,
-            "type": "StepCompleteEvent",
-            "step_name": execution.step_name,
-            "step_index": 0,
-            "task_id": execution.task_id,
-            "attempt": execution.attempt,
-            "result": result,
-            "duration_ms": execution.duration_ms,
-        }), span, now)
-        emit(trusted_event(PipelineCompleteEvent, {
-            **ids,  # type: ignore[dict-item]
-            "timestamp": timestamp,
-            "type": "PipelineCompleteEvent",
-            "status": "COMPLETED",
-            "duration_ms": max(0.0, (now - execution.run.started_ns) / 1e6),
-            "result": result,
-        }), span, now)
-        if span is not None and self._sink is not None:
-            self._sink.emit(span, now)
-        execution.phase = Phase.DONE
 
     def _step_saved(self, execution: Execution) -> None:
         """The step's result is stored and its next hop kicked (or not): report both."""
