@@ -248,7 +248,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             others = [m for m in chain if m is not self and m is not self._tail]
             # A new list: a hook loop iterating the old one is not disturbed.
             chain = broker.middlewares = [self, *others, self._tail]
-            self._wrap_result_backend(broker)
+        self._wrap_result_backend(broker)  # once per backend, even one set after instrument()
         self._chain = chain
         self._chain_length = len(chain)
         self._retry_middleware = next(

@@ -432,6 +432,39 @@ async def test_hook_filters_and_clean_shutdown_delivers_queued_events() -> None:
     assert [e.pipeline_id for e in seen.events] == ["nope"]
 
 
+async def test_a_result_backend_set_after_instrument_still_fails_unstorable_results() -> None:
+    """``broker.with_result_backend(...)`` after ``instrument()``: the backend the worker
+    stores with is the one whose failures fail the step (SPEC §3)."""
+    from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+
+    class Refusing(InmemoryResultBackend[Any]):
+        async def set_result(self, task_id: str, result: Any) -> None:
+            if result.return_value == "unstorable":
+                raise TypeError("cannot store this")
+            await super().set_result(task_id, result)
+
+    broker = InMemoryBroker()
+    collector = Collector()
+    hooks = HookManager()
+    hooks.add_hook(collector)
+    flowtrace.instrument(broker, hooks=hooks)
+    broker.with_result_backend(Refusing())
+
+    @broker.task(task_name="refused")
+    async def refused() -> str:
+        return "unstorable"
+
+    await broker.startup()
+    try:
+        kicked = await refused.kiq()
+        events = await collector.wait_terminal(kicked.task_id)
+    finally:
+        await broker.shutdown()
+    assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
+                             ("StepErrorEvent", 0), ("PipelineErrorEvent", None)]
+    assert events[-1].error == "TypeError: cannot store this"  # type: ignore[attr-defined]
+
+
 def test_hooks_keep_delivering_after_their_event_loop_ends() -> None:
     """A script may run its kicks in two ``asyncio.run`` calls: the first loop cancels the
     hook's worker, the next event starts another one on the new loop."""
