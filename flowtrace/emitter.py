@@ -67,7 +67,7 @@ class Emitter:
         """Hand ``event`` to its span, the hooks and the transport; never waits."""
         if span is not None and span.sampled:
             fields = event.__dict__
-            span.events += (fields["type"], fields, time_ns)
+            span.event_data += (fields["type"], fields, time_ns)
         hooks = self.hooks
         if hooks is not None:
             hooks.emit_nowait(event)

@@ -36,6 +36,13 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
+RUNNING, HANDOFF, DONE = Phase.RUNNING, Phase.HANDOFF, Phase.DONE
+STEP, WAITER, ITEM = Role.STEP, Role.WAITER, Role.ITEM
+"""The members by module-level name, for the per-message path: on Python 3.11 reading one
+off its class (``Phase.DONE``) goes through ``EnumType.__getattr__``, a slot call that
+allocates a method wrapper per read."""
+
+
 class Execution:
     """One message's state from ``pre_execute`` to ``post_save``.
 
@@ -51,7 +58,7 @@ class Execution:
     next_fan_out: StepContext | None = None
     """The map/filter step this hop is starting by kicking its items."""
     items_kicked: int = 0
-    phase: Phase = Phase.RUNNING
+    phase: Phase = RUNNING
     exception: BaseException | None = None
     retry_pending: bool = False
     outcome_reported: bool = False
@@ -62,6 +69,9 @@ class Execution:
     monitor: ProgressMonitor | None = None
     span_ends_run: bool = False
     """A plain task's span: it also carries the run's end (and, on attempt 1, is its root)."""
+    token: contextvars.Token[Execution | None] | None = None
+    """Undoes making this execution current (see ``FlowtraceMiddleware._leave``)."""
+    span_token: Any = None
 
     def __init__(self, message: TaskiqMessage, run: RunContext, role: Role, step_index: int,
                  step_name: str, attempt: int, steps: list[StepInfo] | None,

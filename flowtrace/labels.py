@@ -55,14 +55,19 @@ class RunContext:
             )
         return self._label
 
+    def hex_ids(self) -> tuple[str, str]:
+        """The trace id and the root span id as events carry them (32 and 16 hex digits),
+        cut from the label: no formatting."""
+        label = self._label or self.encode()
+        return label[1:33], label[33:49]
+
     @property
     def trace_hex(self) -> str:
-        """The trace id as events carry it (32 hex digits), cut from the label."""
-        return self.encode()[1:33]
+        return self.hex_ids()[0]
 
     @property
     def root_span_hex(self) -> str:
-        return self.encode()[33:49]
+        return self.hex_ids()[1]
 
     @classmethod
     def decode(cls, text: Any) -> RunContext | None:

@@ -19,9 +19,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Any, TypeAlias, TypeVar
 
-from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import SpanKind, set_span_in_context
+from opentelemetry.trace import SpanKind
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.exceptions import NoResultError
 
@@ -38,7 +37,16 @@ from flowtrace.events import (
     error_text,
     trusted_event,
 )
-from flowtrace.execution import Execution, Phase, Role, current_execution
+from flowtrace.execution import (
+    DONE,
+    HANDOFF,
+    ITEM,
+    STEP,
+    WAITER,
+    Execution,
+    Role,
+    current_execution,
+)
 from flowtrace.hooks import HookManager, hooks_of
 from flowtrace.labels import (
     KICKED_AT_LABEL,
@@ -59,11 +67,11 @@ from flowtrace.pipeline_data import (
     parse_steps,
 )
 from flowtrace.progress import ProgressMonitor, counter_key
+from flowtrace.tracing.current import current_parent, make_current, restore_current
 from flowtrace.tracing.setup import configure_tracing, flush_tracing
 from flowtrace.tracing.spans import (
     SpanRecord,
     SpanSink,
-    current_parent,
     derived_trace_ids,
     new_span_id,
     new_trace_id,
@@ -128,8 +136,9 @@ def _event_ids(run: RunContext, span: SpanRecord | None) -> dict[str, Any]:
     if span is None or not span.sampled:
         trace_hex = span_hex = None
     else:
-        trace_hex = run.trace_hex  # cut from the label: no formatting
-        span_hex = run.root_span_hex if span.span_id == run.root_span_id else span.span_id_hex
+        trace_hex, span_hex = run.hex_ids()
+        if span.span_id != run.root_span_id:
+            span_hex = span.span_id_hex
     return {
         "id": None,
         "pipeline_id": run.pipeline_id,
@@ -314,24 +323,28 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         # No placement check: the order of middlewares matters where messages execute.
         try:
             labels = message.labels
-            labels[KICKED_AT_LABEL] = str(_time_ns())
+            sent = _time_ns()
+            labels[KICKED_AT_LABEL] = str(sent)
             execution = current_execution.get()
-            if execution is not None and execution.phase is not Phase.DONE:
-                return _guarded(self._send_from_task(execution, message), message, "pre_send")
-            if RUN_LABEL not in labels and self._start_run(message) and self.transport.buffers:
+            if execution is not None and execution.phase is not DONE:
+                return _guarded(self._send_from_task(execution, message, sent), message,
+                                "pre_send")
+            if (RUN_LABEL not in labels and self._start_run(message, sent)
+                    and self.transport.buffers):
                 return _guarded(self._flushed(message), message, "pre_send")
         except Exception:
             logger.exception(_HOOK_FAILED, "pre_send")
         return message
 
-    async def _send_from_task(self, execution: Execution, message: TaskiqMessage) -> TaskiqMessage:
+    async def _send_from_task(self, execution: Execution, message: TaskiqMessage,
+                              sent: int) -> TaskiqMessage:
         """A message kicked while a task runs: its retry, its next hop, or a new run."""
         if message.task_id == execution.task_id:
             await self._retry_kicked(execution)
             return message
-        if execution.phase is Phase.HANDOFF and await self._next_hop(execution, message):
+        if execution.phase is HANDOFF and await self._next_hop(execution, message):
             return message
-        if RUN_LABEL not in message.labels and self._start_run(message):
+        if RUN_LABEL not in message.labels and self._start_run(message, sent):
             await self.transport.flush()
         return message
 
@@ -339,15 +352,18 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         await self.transport.flush()
         return message
 
-    def _start_run(self, message: TaskiqMessage) -> bool:
-        """Label a new run's first message and emit its PipelineStartEvent (True if done)."""
+    def _start_run(self, message: TaskiqMessage, now: int) -> bool:
+        """Label a new run's first message and emit its PipelineStartEvent (True if done).
+
+        ``now``: when it was sent (its queue wait starts then), the run's start.
+        """
         labels = message.labels
         steps = None
         if CURRENT_STEP in labels and (step := current_step(labels)) is not None:
             steps = parse_steps(labels.get(PIPELINE_DATA))
             if steps is None or step != 0:
                 return False  # a later hop kicked without flowtrace: its worker picks the run up
-        timestamp, now = _now(_UTC), _time_ns()
+        timestamp = _now(_UTC)
         run = self._new_run(message, steps, now, labels)
         labels[RUN_LABEL] = run.encode()
         self._emit_pipeline_start(run, message, steps, timestamp)
@@ -383,14 +399,14 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                              steps: list[StepInfo] | None, timestamp: datetime) -> None:
         names = [s.name for s in steps] if steps else [message.task_name]
         args, kwargs = message.args, message.kwargs
-        sampled = run.sampled
+        trace_hex, root_hex = run.hex_ids() if run.sampled else (None, None)
         event = trusted_event(PipelineStartEvent, {
             "id": None,
             "pipeline_id": run.pipeline_id,
             "pipeline_name": run.name,
             "pipeline_type": run.type,
-            "trace_id": run.trace_hex if sampled else None,
-            "span_id": run.root_span_hex if sampled else None,
+            "trace_id": trace_hex,
+            "span_id": root_hex,
             "timestamp": timestamp,
             "type": "PipelineStartEvent",
             "input": self.emitter.payload(_call_input(args, kwargs)) if args or kwargs else None,
@@ -480,10 +496,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 or (self._retry_middleware is not None and self._retryable(message))):
             return False
         timestamp, now, now_perf = _now(_UTC), _time_ns(), _perf_ns()
-        execution = Execution(message, run, Role.STEP, 0, message.task_name, 1, None, now,
+        execution = Execution(message, run, STEP, 0, message.task_name, 1, None, now,
                               now_perf)
         execution.span_ends_run = True
-        current_execution.set(execution)
         span = self._root_step_span(execution) if sink is not None else None
         self._enter(execution, span)
         self._emit_step_start(execution, labels, now, timestamp)
@@ -508,64 +523,73 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             labels[RUN_LABEL] = run.encode()
         step_index = fan_out.index if fan_out is not None else (index or 0)
         step_name = (
-            steps[step_index].name if steps and role is Role.WAITER and step_index < len(steps)
+            steps[step_index].name if steps and role is WAITER and step_index < len(steps)
             else message.task_name
         )
         retries = labels.get("_retries")
         execution = Execution(message, run, role, step_index, step_name,
                               int(retries) + 1 if retries else 1, steps, now_wall, now_perf)
         execution.fan_out = fan_out
-        current_execution.set(execution)
-        if started_here and (index in (None, 0)) and role is not Role.ITEM:
+        if started_here and (index in (None, 0)) and role is not ITEM:
             self._emit_pipeline_start(run, message, steps, timestamp)
         self._enter(execution, self._execution_span(execution, now_wall))
-        if role is Role.STEP or (role is Role.WAITER and fan_out is None):
+        if role is STEP or (role is WAITER and fan_out is None):
             self._emit_step_start(execution, labels, now_wall, timestamp)
-        if role is Role.WAITER:
+        if role is WAITER:
             self._start_monitor(execution, message)
 
     @staticmethod
     def _enter(execution: Execution, span: SpanRecord | None) -> None:
-        """Give the execution its span and its events' ids, and make the span current.
-
-        User spans in the task nest under it. Never detached: taskiq runs each message in
-        its own asyncio task, whose context ends with it.
-        """
+        """Make the execution, and its span, current in this task's context; give the
+        execution its span and its events' ids. User spans in the task nest under it."""
+        execution.token = current_execution.set(execution)
         execution.event_ids = _event_ids(execution.run, span)
         if span is not None:
             execution.span = span
-            otel_context.attach(set_span_in_context(span.as_current()))
+            execution.span_token = make_current(span)
+
+    @staticmethod
+    def _leave(execution: Execution) -> None:
+        """Undo :meth:`_enter` once the message is done (its last hook, ``post_save``).
+
+        asyncio keeps a finished task, and with it its context, a while longer: what the
+        context holds (the execution, its span, its events) would outlive the message and
+        make the garbage collector run more often.
+        """
+        if execution.span_token is not None:
+            restore_current(execution.span_token)
+        if execution.token is not None:
+            current_execution.reset(execution.token)
 
     @staticmethod
     def _role_of(message: TaskiqMessage, fan_out: StepContext | None,
                  steps: list[StepInfo] | None) -> Role:
         if fan_out is not None and fan_out.item_index >= 0:
-            return Role.ITEM
+            return ITEM
         if message.task_name in WAITER_TASKS and steps is not None:
-            return Role.WAITER
-        return Role.STEP
+            return WAITER
+        return STEP
 
     def _execution_span(self, execution: Execution, now: int) -> SpanRecord | None:
         run = execution.run
         if self.sink is None or not run.trace_id:
             return None
         fan_out = execution.fan_out
-        if execution.role is Role.ITEM and fan_out is not None:
-            span = SpanRecord(execution.message.task_name, run.trace_id, new_span_id(),
-                              fan_out.span_id, now, run.sampled, SpanKind.CONSUMER)
+        if execution.role is ITEM and fan_out is not None:
+            attributes = None
             if run.sampled:
-                span.attributes = _step_attributes(run, execution.step_name,
-                                                   execution.step_index, execution.attempt,
-                                                   execution.task_id)
-                span.attributes["flowtrace.item.index"] = fan_out.item_index
-            return span
-        if execution.role is Role.WAITER and fan_out is not None:
+                attributes = _step_attributes(run, execution.step_name, execution.step_index,
+                                              execution.attempt, execution.task_id)
+                attributes["flowtrace.item.index"] = fan_out.item_index
+            return SpanRecord(execution.message.task_name, run.trace_id, new_span_id(),
+                              fan_out.span_id, now, run.sampled, _CONSUMER, attributes)
+        if execution.role is WAITER and fan_out is not None:
             waiter_span = self._step_span(run, execution.step_name, execution.step_index, 1,
                                           execution.task_id, fan_out.started_ns,
                                           fan_out.span_id)
             if waiter_span is not None and waiter_span.sampled:
                 # Its StepStartEvent was emitted by the kicking process.
-                waiter_span.add_event("StepStartEvent", {
+                waiter_span.record_event("StepStartEvent", {
                     **_run_attributes(run),
                     "flowtrace.step_name": execution.step_name,
                     "flowtrace.step_index": execution.step_index,
@@ -604,8 +628,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         return SpanRecord(
             name, run.trace_id, run.root_span_id, run.parent_span_id, run.started_ns, sampled,
             _CONSUMER,
-            _step_attributes(run, name, 0, 1, execution.task_id) if sampled else {},
-            ["PipelineStartEvent", 1, run.started_ns] if sampled else [],
+            _step_attributes(run, name, 0, 1, execution.task_id) if sampled else None,
+            ["PipelineStartEvent", 1, run.started_ns] if sampled else None,
         )
 
     def _retryable(self, message: TaskiqMessage) -> bool:
@@ -626,11 +650,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                    start_ns: int, span_id: int) -> SpanRecord | None:
         if self.sink is None or not run.trace_id:
             return None
-        span = SpanRecord(name, run.trace_id, span_id, run.root_span_id, start_ns, run.sampled,
-                          SpanKind.CONSUMER)
-        if run.sampled:
-            span.attributes = _step_attributes(run, name, index, attempt, task_id)
-        return span
+        attributes = _step_attributes(run, name, index, attempt, task_id) if run.sampled else None
+        return SpanRecord(name, run.trace_id, span_id, run.root_span_id, start_ns, run.sampled,
+                          _CONSUMER, attributes)
 
     def _emit_step_start(self, execution: Execution, labels: dict[str, Any], now: int,
                          timestamp: datetime) -> None:
@@ -694,18 +716,18 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 return None
             execution.duration_ms = (_perf_ns() - execution.started_perf_ns) / 1e6
             if not result.is_err:
-                execution.phase = Phase.HANDOFF
+                execution.phase = HANDOFF
                 execution.result_preview = result.return_value
-                if execution.role is Role.ITEM:
+                if execution.role is ITEM:
                     self._finish_item(execution, failed=False)
                 return None
-            if execution.role is Role.ITEM:
+            if execution.role is ITEM:
                 self._finish_item(execution, failed=True)
                 return None
             exception = execution.exception or result.error
             if exception is None or (isinstance(exception, NoResultError)
                                      and execution.exception is None):
-                execution.phase = Phase.HANDOFF  # the task chose to store no result
+                execution.phase = HANDOFF  # the task chose to store no result
                 return None
             if execution.monitor is not None:
                 return _guarded(self._after_final_progress(
@@ -727,21 +749,25 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             execution = current_execution.get()
             if execution is None or execution.task_id != message.task_id:
                 return None
-            if result.is_err or execution.role is Role.ITEM or execution.phase is Phase.DONE:
-                return None
-            if execution.monitor is not None:
-                return _guarded(self._after_final_progress(execution, False, self._step_saved),
-                                None, "post_save")
-            self._step_saved(execution)
+            if not (result.is_err or execution.role is ITEM or execution.phase is DONE):
+                if execution.monitor is not None:  # (left when its task ends)
+                    return _guarded(self._after_final_progress(
+                        execution, False, self._step_saved), None, "post_save")
+                self._step_saved(execution)
+            self._leave(execution)
         except Exception:
             logger.exception(_HOOK_FAILED, "post_save")
         return None
 
     def _step_saved(self, execution: Execution) -> None:
-        """The step's result is stored and its next hop kicked (or not): report both."""
-        self._report_success(execution)
+        """The step's result is stored and its next hop kicked (or not): report both.
+
+        A run that ends here ends at the moment its last step does: one clock reading.
+        """
+        timestamp, now = _now(_UTC), _time_ns()
+        self._report_success(execution, timestamp, now)
         if execution.is_last_step:
-            self._end_run_completed(execution)
+            self._end_run_completed(execution, timestamp, now)
         elif not execution.next_kicked:
             reason = execution.abort_error
             next_step = execution.next_step()
@@ -751,7 +777,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 next_step.name if next_step is not None else execution.step_name,
                 execution.step_index + 1,
             )
-        execution.phase = Phase.DONE
+        execution.phase = DONE
 
     # Outcomes --------------------------------------------------------------
 
@@ -773,13 +799,16 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         await self._finish_monitor(execution, failed)
         report(execution, *args)
 
-    def _report_success(self, execution: Execution) -> None:
-        """StepCompleteEvent and the step's span (a waiter's monitor is finished first)."""
+    def _report_success(self, execution: Execution, timestamp: datetime | None = None,
+                        now: int = 0) -> None:
+        """StepCompleteEvent and the step's span (a waiter's monitor is finished first),
+        at ``timestamp``/``now`` when given, else now."""
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
-        timestamp, now = _now(_UTC), _time_ns()
-        if execution.role is Role.WAITER:
+        if timestamp is None:
+            timestamp, now = _now(_UTC), _time_ns()
+        if execution.role is WAITER:
             duration = self._fan_out_duration(execution, now)
         else:
             duration = execution.duration_ms
@@ -807,7 +836,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         execution.outcome_reported = True
         timestamp, now = _now(_UTC), _time_ns()
         duration = execution.duration_ms
-        if execution.role is Role.WAITER:
+        if execution.role is WAITER:
             duration = self._fan_out_duration(execution, now)
         span = execution.span
         event = trusted_event(StepErrorEvent, {
@@ -824,8 +853,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "duration_ms": duration,
         })
         if span is not None and span.sampled:
-            span.record_exception(exception, now)
-            span.attributes["flowtrace.step.will_retry"] = will_retry
+            span.record_error(exception, now)
+            span.record_attributes({"flowtrace.step.will_retry": will_retry})
         self.emitter.emit(event, span, now)
         if will_retry or not execution.span_ends_run:
             self._end_span(span, now)
@@ -854,7 +883,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             done = total - bad
         await monitor.finish(done, bad)
         if execution.span is not None and execution.span.sampled:
-            execution.span.attributes.update({
+            execution.span.record_attributes({
                 "flowtrace.step.done": done, "flowtrace.step.failed": bad,
                 "flowtrace.step.total": total,
             })
@@ -862,18 +891,18 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _finish_item(self, execution: Execution, failed: bool) -> None:
         self.transport.count_item(counter_key(execution.run.pipeline_id, execution.step_index),
                                   failed)
-        execution.phase = Phase.DONE
+        execution.phase = DONE
         span = execution.span
         if span is not None and failed and execution.exception is not None:
-            span.record_exception(execution.exception, time.time_ns())
+            span.record_error(execution.exception, time.time_ns())
         self._end_span(span, time.time_ns())
 
     def _end_span(self, span: SpanRecord | None, now: int) -> None:
         if span is not None and self._sink is not None:
             self._sink.emit(span, now)
 
-    def _end_run_completed(self, execution: Execution) -> None:
-        run, timestamp, now = execution.run, _now(_UTC), _time_ns()
+    def _end_run_completed(self, execution: Execution, timestamp: datetime, now: int) -> None:
+        run = execution.run
         root = self._run_end_span(execution)
         event = trusted_event(PipelineCompleteEvent, {
             **self._run_end_ids(execution, root),
@@ -885,7 +914,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         })
         self.emitter.emit(event, root, now)
         self._end_span(root, now)
-        execution.phase = Phase.DONE
+        execution.phase = DONE
 
     def _end_run_failed(self, execution: Execution, exception: BaseException,
                         failed_step: str, failed_index: int) -> None:
@@ -906,7 +935,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             root.error = event.error
         self.emitter.emit(event, root, now)
         self._end_span(root, now)
-        execution.phase = Phase.DONE
+        execution.phase = DONE
 
     @staticmethod
     def _run_end_ids(execution: Execution, root: SpanRecord | None) -> dict[str, Any]:
@@ -929,7 +958,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         root = SpanRecord(f"pipeline {run.name}", run.trace_id, run.root_span_id,
                           run.parent_span_id, run.started_ns, run.sampled)
         if run.sampled:
-            root.attributes.update({
+            root.record_attributes({
                 "flowtrace.pipeline.id": run.pipeline_id,
                 "flowtrace.pipeline.name": run.name,
                 "flowtrace.pipeline.type": run.type,
@@ -940,13 +969,13 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     @staticmethod
     def _add_pipeline_start(root: SpanRecord, run: RunContext, total_steps: int) -> None:
         """The PipelineStartEvent span event, added by the process that ends the root span."""
-        root.add_event("PipelineStartEvent", total_steps, run.started_ns)
+        root.record_event("PipelineStartEvent", total_steps, run.started_ns)
 
     async def _result_not_stored(self, task_id: str, exc: Exception) -> None:
         execution = current_execution.get()
         if execution is None or execution.task_id != task_id:
             return
-        if execution.phase is not Phase.HANDOFF or execution.role is Role.ITEM:
+        if execution.phase is not HANDOFF or execution.role is ITEM:
             return
         try:
             await self._finish_monitor(execution, failed=True)

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -68,6 +69,7 @@ TERMINAL = (PipelineCompleteEvent, PipelineErrorEvent)
 
 PRODUCE, SQUARE, IS_EVEN = "tracing.produce", "tracing.square", "tracing.is_even"
 EXPLODE, FLAKY, USER_SPAN_TASK = "tracing.explode", "tracing.flaky", "tracing.with_user_span"
+POKES_SPAN = "tracing.pokes_current_span"
 ITEMS = 5
 # root + produce + map step + 5 map items + filter step + 5 filter items
 MAP_FILTER_SPANS = 1 + 1 + (1 + ITEMS) + (1 + ITEMS)
@@ -691,3 +693,50 @@ async def test_in_process_plain_task_is_one_span_unless_it_may_be_retried() -> N
     assert event_names(second) == ["StepStartEvent", "StepCompleteEvent"]
     assert [(s.attributes or {})["flowtrace.step.attempt"] for s in (first, second)] == [1, 2]
     check_events_on([root, first, second], ids["retried"])
+
+
+async def test_in_process_the_current_span_of_a_step_is_not_changed_by_user_code() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with in_memory(provider) as (local, hook):
+        kicked = await local.task(POKES_SPAN).kiq([1])
+        result = await kicked.wait_result(check_interval=0.05, timeout=RUN_TIMEOUT)
+        await async_wait_until(lambda: hook.finished(kicked.task_id), timeout=20,
+                               message="the end of the run")
+        (span,) = exporter.get_finished_spans()
+    assert not result.is_err, result.error
+    # The step's span was current: its ids, not recording.
+    assert result.return_value == {"recording": False,
+                                   "trace_id": f"{span.context.trace_id:032x}",
+                                   "span_id": f"{span.context.span_id:016x}"}
+    assert span.name == POKES_SPAN and span.status.status_code.name == "UNSET"
+    assert event_names(span) == ["PipelineStartEvent", "StepStartEvent", "StepCompleteEvent",
+                                 "PipelineCompleteEvent"]
+    assert not {"user.attribute", "user.other"} & set(span.attributes or {})
+
+
+async def test_in_process_runs_executed_in_place_leave_the_callers_context_as_it_was() -> None:
+    """``InMemoryBroker(await_inplace=True)`` runs a task inside the caller's own asyncio task:
+    the step's span must not stay current there, or the caller's next run would join its
+    trace."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    broker = InMemoryBroker(await_inplace=True)
+    register_tasks(broker)
+    broker.add_middlewares(FlowtraceMiddleware(tracer_provider=provider))
+    await broker.startup()
+    try:
+        square = broker.find_task(SQUARE)
+        assert square is not None
+        before = trace.get_current_span()
+        first, second = await square.kiq(2), await square.kiq(3)
+        assert trace.get_current_span() is before
+    finally:
+        await broker.shutdown()
+    spans = {s.attributes["flowtrace.pipeline.id"]: s  # type: ignore[index]
+             for s in exporter.get_finished_spans()}
+    assert set(spans) == {first.task_id, second.task_id}
+    assert all(s.parent is None for s in spans.values())
+    assert spans[first.task_id].context.trace_id != spans[second.task_id].context.trace_id

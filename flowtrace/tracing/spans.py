@@ -3,9 +3,9 @@
 A run's root span starts in the process that kicks it and ends in the process that
 sees its end, and a map step's span is opened by the kicking process and closed by
 the waiter's. The SDK cannot build a ``Span`` with given ids, but its processors
-accept a finished ``ReadableSpan``: flowtrace keeps ids and timings in a small
-:class:`SpanRecord`, makes a ``NonRecordingSpan`` with that context current so user
-spans nest under it, and emits the ``ReadableSpan`` at the end. Nothing of the
+accept a finished ``ReadableSpan``: a :class:`SpanRecord` keeps ids, timings,
+attributes and events, is made current as a ``NonRecordingSpan`` so that user spans
+nest under it, and is itself the ``ReadableSpan`` emitted at the end. Nothing of the
 SDK's span machinery runs on the task's path.
 """
 
@@ -16,16 +16,14 @@ import logging
 import random
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event as SpanEvent
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import ParentBased, StaticSampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 from flowtrace import __version__
@@ -95,15 +93,6 @@ span_context = _direct_span_context if _direct_construction_fits() else _checked
 """A remote, valid SpanContext for ids flowtrace allocated (``sampled`` sets its flags)."""
 
 
-def current_parent() -> SpanContext | None:
-    """The span active in the caller (a FastAPI request, say), if any."""
-    span = trace.get_current_span()
-    if span is INVALID_SPAN:  # nothing is current: the usual case, answered at once
-        return None
-    context = span.get_span_context()
-    return context if context.is_valid else None
-
-
 def exception_attributes(exc: BaseException) -> dict[str, Any]:
     """The standard ``exception`` span event's attributes."""
     return {
@@ -161,51 +150,6 @@ def _attributes_of(source: SpanEventSource, span_attributes: Mapping[str, Any]) 
     return span_event_attributes(source) if "type" in source else source
 
 
-@dataclass(slots=True)
-class SpanRecord:
-    """A span in progress: ids, times, attributes and events, nothing else."""
-
-    name: str
-    trace_id: int
-    span_id: int
-    parent_span_id: int
-    start_ns: int
-    sampled: bool
-    kind: SpanKind = SpanKind.INTERNAL
-    attributes: dict[str, Any] = field(default_factory=dict)
-    events: list[Any] = field(default_factory=list)
-    """Flat: ``name, source, time_ns`` per span event (one list, no tuple per event)."""
-    error: str | None = None
-    _context: SpanContext | None = None
-
-    @property
-    def context(self) -> SpanContext:
-        context = self._context
-        if context is None:
-            context = self._context = span_context(self.trace_id, self.span_id, self.sampled)
-        return context
-
-    @property
-    def trace_id_hex(self) -> str:
-        return "%032x" % self.trace_id  # noqa: UP031 - no bound __format__ per call
-
-    @property
-    def span_id_hex(self) -> str:
-        return "%016x" % self.span_id  # noqa: UP031
-
-    def as_current(self) -> NonRecordingSpan:
-        """A span to make current so that user spans become children of this one."""
-        return NonRecordingSpan(self.context)
-
-    def add_event(self, name: str, attributes: SpanEventSource, time_ns: int) -> None:
-        if self.sampled:
-            self.events += (name, attributes, time_ns)
-
-    def record_exception(self, exc: BaseException, time_ns: int) -> None:
-        self.error = f"{type(exc).__name__}: {exc}"
-        self.add_event("exception", exception_attributes(exc), time_ns)
-
-
 class _SpanEvent(SpanEvent):
     """The SDK's span event, built in one step (its ``__init__`` chain is the slow part)."""
 
@@ -215,76 +159,144 @@ class _SpanEvent(SpanEvent):
         self._timestamp = timestamp
 
 
-def _span_events(flat: list[Any], span_attributes: Mapping[str, Any]) -> tuple[SpanEvent, ...]:
-    """SDK span events from a :attr:`SpanRecord.events` list."""
+def _span_events(flat: Sequence[Any], span_attributes: Mapping[str, Any]) -> tuple[SpanEvent, ...]:
+    """SDK span events from a :attr:`SpanRecord.event_data` list."""
     return tuple(
         _SpanEvent(flat[i], _attributes_of(flat[i + 1], span_attributes), flat[i + 2])
         for i in range(0, len(flat), 3)
     )
 
 
-class _FinishedSpan(ReadableSpan):
-    """A finished span that builds its SDK objects (contexts, span events) when they are read.
+_EMPTY_RESOURCE = Resource.get_empty()
 
-    Exporters read them in the span processor's thread: the task pays for none of them,
-    and a span waiting in the processor's queue holds only what this object holds.
+
+class SpanRecord(ReadableSpan, NonRecordingSpan):
+    """One span, one object from start to end.
+
+    While its step runs it is the current span: a ``NonRecordingSpan``, so user spans
+    become its children and its own ``Span`` methods are no-ops, as on any span that is
+    not recording. flowtrace fills in its attributes and events (``record_*``). When it
+    ends it is the ``ReadableSpan`` handed to the span processors; the SDK objects that
+    exporters read (contexts, span events) are built when they are read, in the span
+    processor's thread.
+
+    What every span shares is a class attribute: building one sets nine attributes.
     """
 
-    def __init__(self, record: SpanRecord, resource: Resource, status: Status,
-                 end_time: int) -> None:
-        # ReadableSpan.__init__'s assignments, but for the three that are properties here.
-        self._name = record.name
-        self._kind = record.kind
-        self._instrumentation_info = None
-        self._instrumentation_scope = _SCOPE
-        self._start_time = record.start_ns
-        self._end_time = end_time
-        self._attributes = record.attributes
-        self._links = ()
-        self._resource = resource
-        self._status = status
-        self._context = record.context  # made when the span was made current
-        self._trace_id = record.trace_id
-        self._parent_id = record.parent_span_id  # its context is built only if read
-        self._event_data: list[Any] | Sequence[SpanEvent] = record.events
+    _end_time: int | None = None
+    _status = _UNSET
+    _resource = _EMPTY_RESOURCE
+    _links = ()
+    _instrumentation_info = None
+    _instrumentation_scope = _SCOPE
+    _built_events: tuple[SpanEvent, ...] | None = None
+    error: str | None = None
+
+    def __init__(self, name: str, trace_id: int, span_id: int, parent_span_id: int,
+                 start_ns: int, sampled: bool, kind: SpanKind = SpanKind.INTERNAL,
+                 attributes: dict[str, Any] | None = None,
+                 event_data: list[Any] | None = None) -> None:
+        self._name = name
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_span_id = parent_span_id
+        self._start_time = start_ns
+        self.sampled = sampled
+        self._kind = kind
+        self._attributes = attributes if attributes is not None else {}
+        self.event_data: list[Any] = event_data if event_data is not None else []
+        """Flat: ``name, source, time_ns`` per span event (one list, no tuple per event)."""
+
+    @property
+    def _context(self) -> SpanContext:
+        """Built when read, not kept: a span waiting in the processor's queue (or kept by an
+        in-memory exporter) holds one object the garbage collector tracks, not two."""
+        return span_context(self.trace_id, self.span_id, self.sampled)
+
+    @_context.setter
+    def _context(self, context: SpanContext) -> None:
+        self.trace_id, self.span_id = context.trace_id, context.span_id
+        self.sampled = context.trace_flags.sampled
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
 
     @property
     def _parent(self) -> SpanContext | None:
-        parent_id = self._parent_id
-        return span_context(self._trace_id, parent_id, True) if parent_id else None
+        parent_id = self.parent_span_id
+        return span_context(self.trace_id, parent_id, True) if parent_id else None
 
     @_parent.setter
     def _parent(self, parent: SpanContext | None) -> None:
-        self._parent_id = parent.span_id if parent is not None else 0
+        self.parent_span_id = parent.span_id if parent is not None else 0
 
     @property
     def _events(self) -> Sequence[SpanEvent]:
-        data = self._event_data
-        if isinstance(data, list):
-            data = self._event_data = _span_events(data, self._attributes or {})
-        return data
+        built = self._built_events
+        if built is None:
+            built = self._built_events = _span_events(self.event_data, self._attributes or {})
+        return built
 
     @_events.setter
     def _events(self, events: Sequence[SpanEvent]) -> None:
-        self._event_data = tuple(events)
+        self._built_events = tuple(events)
+
+    @property
+    def start_ns(self) -> int:
+        return self._start_time  # type: ignore[return-value]
+
+    @property
+    def trace_id_hex(self) -> str:
+        return "%032x" % self.trace_id  # noqa: UP031 - no bound __format__ per call
+
+    @property
+    def span_id_hex(self) -> str:
+        return "%016x" % self.span_id  # noqa: UP031
+
+    def record_attributes(self, attributes: Mapping[str, Any]) -> None:
+        cast(dict[str, Any], self._attributes).update(attributes)  # a dict: see __init__
+
+    def record_event(self, name: str, attributes: SpanEventSource, time_ns: int) -> None:
+        if self.sampled:
+            self.event_data += (name, attributes, time_ns)
+
+    def record_error(self, exc: BaseException, time_ns: int) -> None:
+        """Status ERROR and the standard ``exception`` span event."""
+        self.error = f"{type(exc).__name__}: {exc}"
+        self.record_event("exception", exception_attributes(exc), time_ns)
+
+    def finish(self, resource: Resource, end_ns: int) -> None:
+        self._resource = resource
+        self._end_time = max(end_ns, self._start_time)  # type: ignore[type-var]
+        if self.error is not None:
+            self._status = Status(StatusCode.ERROR, self.error)
+
+    def as_sdk_span(self) -> ReadableSpan:
+        """The same span as the SDK builds it (when :data:`_LAZY` is off)."""
+        return ReadableSpan(
+            name=self._name, context=self._context, parent=self._parent,
+            resource=self._resource, attributes=self._attributes, events=self._events,
+            kind=self._kind, status=self._status, start_time=self._start_time,
+            end_time=self._end_time, instrumentation_scope=_SCOPE,
+        )
 
 
-def _finished_span_fits() -> bool:
-    """Whether :class:`_FinishedSpan` sets what this SDK's ``ReadableSpan.__init__`` sets."""
+def _record_fits() -> bool:
+    """Whether a finished :class:`SpanRecord` has what this SDK's ``ReadableSpan`` has."""
     try:
         reference = ReadableSpan("x", resource=Resource.get_empty())
-        record = SpanRecord("x", 1, 2, 3, 1, True, events=["e", {}, 1])
-        ours = _FinishedSpan(record, Resource.get_empty(), _UNSET, 2)
-        expected = set(vars(reference)) - {"_events", "_parent"}
-        ours_only = {"_trace_id", "_parent_id", "_event_data"}
-        return (set(vars(ours)) - ours_only == expected
-                and len(ours.events) == 1 and ours.parent is not None
-                and ours.context.span_id == 2 and ours.context.trace_flags.sampled)
-    except Exception:  # noqa: BLE001 - any surprise: build spans the SDK's way
+        ours = SpanRecord("x", 1, 2, 3, 1, True, event_data=["e", {}, 1])
+        ours.finish(_EMPTY_RESOURCE, 2)
+        return (all(hasattr(ours, name) for name in vars(reference))
+                and len(ours.events) == 1 and (parent := ours.parent) is not None
+                and parent.span_id == 3 and ours.get_span_context().span_id == 2
+                and ours.context.trace_flags.sampled and not ours.is_recording()
+                and ours.end_time == 2 and ours.status.status_code is StatusCode.UNSET)
+    except Exception:  # noqa: BLE001 - any surprise: hand the SDK its own ReadableSpan
         return False
 
 
-_LAZY = _finished_span_fits()
+_LAZY = _record_fits()
 
 
 def _static_root_decision(sampler: object) -> bool | None:
@@ -323,24 +335,8 @@ class SpanSink:
     def emit(self, record: SpanRecord, end_ns: int) -> None:
         if not record.sampled or self._processor is None:
             return
-        status = _UNSET if record.error is None else Status(StatusCode.ERROR, record.error)
-        end_ns = max(end_ns, record.start_ns)
-        span: ReadableSpan
-        if _LAZY:
-            span = _FinishedSpan(record, self.provider.resource, status, end_ns)
-        else:
-            parent = (
-                span_context(record.trace_id, record.parent_span_id, True)
-                if record.parent_span_id else None
-            )
-            span = ReadableSpan(
-                name=record.name, context=record.context, parent=parent,
-                resource=self.provider.resource, attributes=record.attributes,
-                events=_span_events(record.events, record.attributes), kind=record.kind,
-                status=status,
-                start_time=record.start_ns, end_time=end_ns, instrumentation_scope=_SCOPE,
-            )
+        record.finish(self.provider.resource, end_ns)
         try:
-            self._processor.on_end(span)
+            self._processor.on_end(record if _LAZY else record.as_sdk_span())
         except Exception:
             logger.exception("flowtrace: span processor failed")

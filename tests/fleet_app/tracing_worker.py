@@ -67,6 +67,22 @@ def register_tasks(target: AsyncBroker) -> None:
             raise RuntimeError("first attempt fails")
         return sum(values)
 
+    @target.task(task_name="tracing.pokes_current_span")
+    async def pokes_current_span(values: list[int]) -> dict[str, Any]:
+        """What user code may do with the span current in a step: it is not recording, so
+        none of it changes the step's span (which flowtrace records itself)."""
+        span = trace.get_current_span()
+        span.set_attribute("user.attribute", 1)
+        span.set_attributes({"user.other": 2})
+        span.add_event("user-event", {"n": 1})
+        span.record_exception(ValueError("user error"))
+        span.set_status(trace.StatusCode.ERROR, "user status")
+        span.update_name("renamed by user")
+        span.end()
+        context = span.get_span_context()
+        return {"recording": span.is_recording(), "trace_id": f"{context.trace_id:032x}",
+                "span_id": f"{context.span_id:016x}"}
+
     @target.task(task_name="tracing.with_user_span")
     async def with_user_span(values: list[int]) -> int:
         tracer = trace.get_tracer("tests.fleet_app")
