@@ -72,6 +72,11 @@ def _summary_table(results: dict[str, Any]) -> str:
                      f"{med['flowtrace']['noop'] / med['bare']['noop']:.2f}x "
                      f"(CPU {cpu['flowtrace']['noop'] / cpu['bare']['noop']:.2f}x)",
                      _met(o["targets"], "0.5x")])
+        lost = [o["info"].get(v, {}).get("hook_dropped") for v in ("flowtrace",
+                                                                      "flowtrace_sync_hook")]
+        if None not in lost:
+            rows.append(["overhead: hook events lost, async hook / sync hook", "0",
+                         f"{lost[0]:,} / {lost[1]:,}", "yes" if not any(lost) else "NO"])
         if "noop_otlp" in med["flowtrace"]:
             rows.append(["overhead: noop, spans encoded to OTLP, flowtrace vs otel+prom", "-",
                          f"{med['flowtrace']['noop_otlp'] / med['otel_prom']['noop_otlp']:.2f}x"

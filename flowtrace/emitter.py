@@ -2,7 +2,8 @@
 
 Every event goes to the in-process hooks and to the transport, both without
 waiting; the event's span gets it as a span event (its attributes are taken
-from the event when the span ends).
+from the event when an exporter reads the span). Events travel as their field
+dicts (:data:`~flowtrace.events.EventFields`): a model is built only where one is used.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from flowtrace.events import BaseEvent, preview
+from flowtrace.events import EventFields, preview
 from flowtrace.hooks import HookManager
 from flowtrace.tracing.spans import SpanRecord
 from flowtrace.transport.base import Transport
@@ -63,12 +64,11 @@ class Emitter:
         """``host:pid`` of this process (taskiq forks its workers: recomputed after a fork)."""
         return _this_worker or _identify_worker()
 
-    def emit(self, event: BaseEvent, span: SpanRecord | None, time_ns: int) -> None:
-        """Hand ``event`` to its span, the hooks and the transport; never waits."""
+    def emit(self, fields: EventFields, span: SpanRecord | None, time_ns: int) -> None:
+        """Hand an event (its fields) to its span, the hooks and the transport; never waits."""
         if span is not None and span.sampled:
-            fields = event.__dict__
             span.event_data += (fields["type"], fields, time_ns)
         hooks = self.hooks
         if hooks is not None:
-            hooks.emit_nowait(event)
-        self.transport.publish_nowait(event)
+            hooks.emit_nowait(fields)
+        self.transport.publish_fields_nowait(fields)

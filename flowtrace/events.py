@@ -196,6 +196,16 @@ EVENT_CLASSES: dict[str, type[BaseEvent]] = {
 }
 EVENT_TYPES: tuple[str, ...] = tuple(EVENT_CLASSES)
 
+EventFields = dict[str, Any]
+"""An event before it is a model: every field, in declared order, ``type`` included (what
+:func:`trusted_event` takes). The middleware emits these; a model is built only where one is
+needed (a hook's call, a transport's subscriber or wire format), from the same dict."""
+
+
+def event_of(fields: EventFields) -> Event:
+    """The model of an event's fields (it shares the dict: ids set later show)."""
+    return trusted_event(EVENT_CLASSES[fields["type"]], fields)  # type: ignore[return-value]
+
 
 def _enable_trusted_construction(cls: type[BaseEvent]) -> None:
     """Use :meth:`BaseEvent.trusted`'s fast path for ``cls`` if it builds what validation does."""
@@ -373,6 +383,7 @@ __all__ = [
     "TERMINAL_TYPES",
     "BaseEvent",
     "Event",
+    "EventFields",
     "InvalidEvent",
     "PipelineCompleteEvent",
     "PipelineErrorEvent",
@@ -383,6 +394,7 @@ __all__ = [
     "StepProgressEvent",
     "StepStartEvent",
     "error_text",
+    "event_of",
     "event_to_json",
     "parse_event",
     "preview",

@@ -26,17 +26,7 @@ from taskiq.exceptions import NoResultError
 
 from flowtrace import metrics
 from flowtrace.emitter import Emitter
-from flowtrace.events import (
-    PipelineCompleteEvent,
-    PipelineErrorEvent,
-    PipelineStartEvent,
-    StepCompleteEvent,
-    StepErrorEvent,
-    StepProgressEvent,
-    StepStartEvent,
-    error_text,
-    trusted_event,
-)
+from flowtrace.events import EventFields, error_text
 from flowtrace.execution import (
     DONE,
     HANDOFF,
@@ -400,7 +390,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         names = [s.name for s in steps] if steps else [message.task_name]
         args, kwargs = message.args, message.kwargs
         trace_hex, root_hex = run.hex_ids() if run.sampled else (None, None)
-        event = trusted_event(PipelineStartEvent, {
+        fields: EventFields = {
             "id": None,
             "pipeline_id": run.pipeline_id,
             "pipeline_name": run.name,
@@ -412,8 +402,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "input": self.emitter.payload(_call_input(args, kwargs)) if args or kwargs else None,
             "total_steps": len(names),
             "steps": names,
-        })
-        self.emitter.emit(event, None, run.started_ns)
+        }
+        self.emitter.emit(fields, None, run.started_ns)
 
     async def _next_hop(self, execution: Execution, message: TaskiqMessage) -> bool:
         """Label the next step's message or a map item, after publishing this hop's events."""
@@ -454,7 +444,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         fan_out = StepContext(execution.step_index + 1, new_span_id(), now)
         execution.next_fan_out = fan_out
         span = self._step_span(run, step.name, fan_out.index, 1, step.task_id, now, fan_out.span_id)
-        event = trusted_event(StepStartEvent, {
+        fields: EventFields = {
             **_event_ids(run, span),
             "timestamp": _utc(now),
             "type": "StepStartEvent",
@@ -464,8 +454,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "attempt": 1,
             "queue_wait_ms": None,
             "worker": self.emitter.worker,
-        })
-        self.emitter.emit(event, None, now)
+        }
+        self.emitter.emit(fields, None, now)
         return fan_out
 
     # Executing -------------------------------------------------------------
@@ -657,7 +647,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _emit_step_start(self, execution: Execution, labels: dict[str, Any], now: int,
                          timestamp: datetime) -> None:
         sent = kicked_at(labels)
-        event = trusted_event(StepStartEvent, {
+        fields: EventFields = {
             **execution.event_ids,  # type: ignore[dict-item]
             "timestamp": timestamp,
             "type": "StepStartEvent",
@@ -667,8 +657,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "attempt": execution.attempt,
             "queue_wait_ms": max(0.0, (now - sent) / 1e6) if sent is not None else None,
             "worker": self.emitter.worker,
-        })
-        self.emitter.emit(event, execution.span, now)
+        }
+        self.emitter.emit(fields, execution.span, now)
 
     def _start_monitor(self, execution: Execution, message: TaskiqMessage) -> None:
         task_ids = message.args[0] if message.args else message.kwargs.get("task_ids", [])
@@ -676,7 +666,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
         async def report(done: int, failed: int) -> None:
             now = time.time_ns()
-            event = trusted_event(StepProgressEvent, {
+            fields: EventFields = {
                 **execution.event_ids,  # type: ignore[dict-item]
                 "timestamp": _utc(now),
                 "type": "StepProgressEvent",
@@ -685,8 +675,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 "done": done,
                 "failed": failed,
                 "total": total,
-            })
-            self.emitter.emit(event, None, now)
+            }
+            self.emitter.emit(fields, None, now)
 
         execution.monitor = ProgressMonitor(
             self.transport, counter_key(execution.run.pipeline_id, execution.step_index), total,
@@ -813,7 +803,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         else:
             duration = execution.duration_ms
         execution.result_preview = self.emitter.payload(execution.result_preview)
-        event = trusted_event(StepCompleteEvent, {
+        fields: EventFields = {
             **execution.event_ids,  # type: ignore[dict-item]
             "timestamp": timestamp,
             "type": "StepCompleteEvent",
@@ -823,8 +813,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "attempt": execution.attempt,
             "result": execution.result_preview,
             "duration_ms": duration,
-        })
-        self.emitter.emit(event, execution.span, now)
+        }
+        self.emitter.emit(fields, execution.span, now)
         if not execution.span_ends_run:
             self._end_span(execution.span, now)
 
@@ -839,7 +829,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.role is WAITER:
             duration = self._fan_out_duration(execution, now)
         span = execution.span
-        event = trusted_event(StepErrorEvent, {
+        fields: EventFields = {
             **execution.event_ids,  # type: ignore[dict-item]
             "timestamp": timestamp,
             "type": "StepErrorEvent",
@@ -851,11 +841,11 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "error_type": type(exception).__name__,
             "will_retry": will_retry,
             "duration_ms": duration,
-        })
+        }
         if span is not None and span.sampled:
             span.record_error(exception, now)
             span.record_attributes({"flowtrace.step.will_retry": will_retry})
-        self.emitter.emit(event, span, now)
+        self.emitter.emit(fields, span, now)
         if will_retry or not execution.span_ends_run:
             self._end_span(span, now)
 
@@ -904,15 +894,15 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _end_run_completed(self, execution: Execution, timestamp: datetime, now: int) -> None:
         run = execution.run
         root = self._run_end_span(execution)
-        event = trusted_event(PipelineCompleteEvent, {
+        fields: EventFields = {
             **self._run_end_ids(execution, root),
             "timestamp": timestamp,
             "type": "PipelineCompleteEvent",
             "status": "COMPLETED",
             "duration_ms": max(0.0, (now - run.started_ns) / 1e6),
             "result": execution.result_preview,
-        })
-        self.emitter.emit(event, root, now)
+        }
+        self.emitter.emit(fields, root, now)
         self._end_span(root, now)
         execution.phase = DONE
 
@@ -920,7 +910,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                         failed_step: str, failed_index: int) -> None:
         run, timestamp, now = execution.run, _now(_UTC), _time_ns()
         root = self._run_end_span(execution)
-        event = trusted_event(PipelineErrorEvent, {
+        fields: EventFields = {
             **self._run_end_ids(execution, root),
             "timestamp": timestamp,
             "type": "PipelineErrorEvent",
@@ -930,10 +920,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             "failed_step": failed_step,
             "failed_step_index": failed_index,
             "duration_ms": max(0.0, (now - run.started_ns) / 1e6),
-        })
+        }
         if root is not None:
-            root.error = event.error
-        self.emitter.emit(event, root, now)
+            root.error = fields["error"]
+        self.emitter.emit(fields, root, now)
         self._end_span(root, now)
         execution.phase = DONE
 

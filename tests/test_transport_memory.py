@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowtrace.events import Event, PipelineCompleteEvent, StepStartEvent
+from flowtrace.events import Event, PipelineCompleteEvent, PipelineStartEvent, StepStartEvent
 from flowtrace.transport import InMemoryTransport
 from flowtrace.transport.base import FROM_BEGINNING, id_sort_key
 from tests.support.waiting import async_wait_until
@@ -40,6 +40,23 @@ async def test_round_trip_sets_ids_with_epoch_and_keeps_fields() -> None:
     assert received is sent, "one object: the emitting process's hooks see the id too"
     assert received.id == f"{transport.epoch}-1"
     assert received.model_dump(exclude={"id"}) == sent.model_dump(exclude={"id"})
+
+
+async def test_fields_published_arrive_as_one_model_with_their_id_and_replay_equal() -> None:
+    """What the middleware publishes: an event's fields (declared order), no model yet."""
+    transport = InMemoryTransport()
+    first, second = transport.subscribe(), transport.subscribe()
+    model = PipelineStartEvent(pipeline_id="run-2", pipeline_name="etl", pipeline_type="task",
+                               input={"n": 1}, steps=["etl"])
+    fields = dict(model.__dict__)
+    transport.publish_fields_nowait(fields)
+
+    (one,), (other,) = await take(first, 1), await take(second, 1)
+    assert one is other, "one model for every subscriber"
+    assert isinstance(one, PipelineStartEvent) and one.id == fields["id"] == f"{transport.epoch}-1"
+    assert one.model_dump(exclude={"id"}) == model.model_dump(exclude={"id"})
+    (replayed,) = [e async for e in transport.replay(FROM_BEGINNING)]
+    assert replayed == one and replayed is not one
 
 
 async def test_every_subscriber_sees_every_event_in_publish_order() -> None:

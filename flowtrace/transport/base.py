@@ -13,7 +13,7 @@ import abc
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-from flowtrace.events import BaseEvent, Event
+from flowtrace.events import BaseEvent, Event, EventFields, event_of
 
 FROM_BEGINNING = "0-0"
 """``since`` value meaning "every retained event" (never reported as truncated)."""
@@ -38,7 +38,12 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def publish_nowait(self, event: BaseEvent) -> None:
-        """:meth:`publish` without the coroutine: what the middleware calls on a task's path."""
+        """:meth:`publish` without the coroutine."""
+
+    def publish_fields_nowait(self, fields: EventFields) -> None:
+        """:meth:`publish_nowait` of an event's fields: what the middleware calls on a task's
+        path. Transports that can keep fields as they are need no model of them."""
+        self.publish_nowait(event_of(fields))
 
     @abc.abstractmethod
     def subscribe(self, since: str | None = None) -> AsyncIterator[Event]:

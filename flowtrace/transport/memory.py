@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from flowtrace.events import EVENT_CLASSES, BaseEvent, Event, trusted_event
+from flowtrace.events import BaseEvent, Event, EventFields, event_of
 from flowtrace.transport.base import FROM_BEGINNING, Transport
 
 _ID = re.compile(r"([0-9]+)-([0-9]{1,18})")
@@ -81,8 +81,15 @@ class InMemoryTransport(Transport):
         The id is set on the object itself, not a copy: the hooks of the emitting process
         hold the same object and see the id too, and no copy is made per event.
         """
+        self._publish(event.__dict__, event)  # type: ignore[arg-type]
+
+    def publish_fields_nowait(self, fields: EventFields) -> None:
+        """:meth:`publish_nowait` of an event's fields: a model of them is built only when
+        someone subscribes (one, for every subscriber); the ring keeps the dict itself."""
+        self._publish(fields, None)
+
+    def _publish(self, fields: EventFields, event: Event | None) -> None:
         seq = self._seq = self._seq + 1
-        fields = event.__dict__
         fields["id"] = f"{self.epoch}-{seq}"  # no pydantic __setattr__: hot path
         self._ring.append(fields)
         fanout = self._fanout
@@ -90,7 +97,7 @@ class InMemoryTransport(Transport):
             fanout = self._fanout = tuple(self._subscribers)
         if not fanout:
             return
-        entry: tuple[int, Event] = (seq, event)  # type: ignore[assignment]
+        entry = (seq, event if event is not None else event_of(fields))
         for queue in fanout:
             try:
                 queue.put_nowait(entry)
@@ -183,9 +190,9 @@ class InMemoryTransport(Transport):
         self._fanout = None
 
 
-def _rebuilt(fields: dict[str, Any]) -> Event:
+def _rebuilt(fields: EventFields) -> Event:
     """A retained event, as a model again (its own copy of the fields)."""
-    return trusted_event(EVENT_CLASSES[fields["type"]], dict(fields))  # type: ignore[return-value]
+    return event_of(dict(fields))
 
 
 async def _yield_all(events: list[Event]) -> AsyncIterator[Event]:
