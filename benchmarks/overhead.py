@@ -11,6 +11,8 @@ from one variant into another):
   (installed globally, so flowtrace uses it as is), events on the default in-memory
   transport, and a ``HookManager`` with one trivial async hook.
 - ``flowtrace_sync_hook``: the same with a trivial *sync* hook (run on a thread).
+- ``flowtrace_no_hook``: ``flowtrace.instrument(broker)`` as it comes, with no hook (the
+  events still go to the in-memory transport's ring).
 
 Workloads (every one kicks N messages, then awaits every result):
 
@@ -41,7 +43,7 @@ from typing import Any
 
 from benchmarks.common import flowtrace_location, free_port, median, run_json_child
 
-VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook")
+VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook", "flowtrace_no_hook")
 WORKLOADS = ("noop", "work_1ms", "pipeline3", "noop_otlp")
 SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
 QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
@@ -127,10 +129,12 @@ def _build(variant: str, processor: str, metrics_dir: str) -> tuple[Any, Any, An
     import flowtrace
 
     trace.set_tracer_provider(provider)  # an installed SDK provider is used as is
+    broker.add_middlewares(PipelineMiddleware())
+    if variant == "flowtrace_no_hook":
+        return broker, provider, exporter, None, flowtrace.instrument(broker)
     hook: _Counter = SyncHook() if variant == "flowtrace_sync_hook" else AsyncHook()
     hooks = flowtrace.HookManager()
     hooks.add_hook(hook)
-    broker.add_middlewares(PipelineMiddleware())
     middleware = flowtrace.instrument(broker, hooks=hooks)
     return broker, provider, exporter, hook, middleware
 
@@ -241,7 +245,8 @@ async def _child(variant: str, processor: str, workloads: list[str], sizes: dict
         if middleware is not None:
             results["flowtrace"] = flowtrace_location()
             results["dropped"] = dict(middleware.transport.dropped)
-            results["hook_dropped"] = middleware.hooks.dropped
+            if middleware.hooks is not None:
+                results["hook_dropped"] = middleware.hooks.dropped
         await broker.shutdown()
         return results
     finally:

@@ -72,6 +72,10 @@ def _summary_table(results: dict[str, Any]) -> str:
                      f"{med['flowtrace']['noop'] / med['bare']['noop']:.2f}x "
                      f"(CPU {cpu['flowtrace']['noop'] / cpu['bare']['noop']:.2f}x)",
                      _met(o["targets"], "0.5x")])
+        if "flowtrace_no_hook" in med:
+            rows.append(["overhead: noop, flowtrace without a hook vs otel+prom / bare", "-",
+                         f"{med['flowtrace_no_hook']['noop'] / med['otel_prom']['noop']:.2f}x"
+                         f" / {med['flowtrace_no_hook']['noop'] / med['bare']['noop']:.2f}x", "-"])
         lost = [o["info"].get(v, {}).get("hook_dropped") for v in ("flowtrace",
                                                                       "flowtrace_sync_hook")]
         if None not in lost:
