@@ -704,27 +704,36 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             execution = current_execution.get()
             if execution is None or execution.task_id != message.task_id:
                 return None
-            execution.duration_ms = (_perf_ns() - execution.started_perf_ns) / 1e6
-            if not result.is_err:
-                execution.phase = HANDOFF
-                execution.result_preview = result.return_value
-                if execution.role is ITEM:
-                    self._finish_item(execution, failed=False)
-                return None
-            if execution.role is ITEM:
-                self._finish_item(execution, failed=True)
-                return None
-            exception = execution.exception or result.error
-            if exception is None or (isinstance(exception, NoResultError)
-                                     and execution.exception is None):
-                execution.phase = HANDOFF  # the task chose to store no result
-                return None
-            if execution.monitor is not None:
-                return _guarded(self._after_final_progress(
-                    execution, True, self._step_failed, exception), None, "post_execute")
-            self._step_failed(execution, exception)
+            outcome = self._executed(execution, result)
+            if outcome is None and isinstance(result.error, NoResultError):
+                self._leave(execution)  # taskiq stores nothing: no post_save follows
+            return outcome
         except Exception:
             logger.exception(_HOOK_FAILED, "post_execute")
+        return None
+
+    def _executed(self, execution: Execution,
+                  result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
+        """The task returned or raised: record it, report a failure."""
+        execution.duration_ms = (_perf_ns() - execution.started_perf_ns) / 1e6
+        if not result.is_err:
+            execution.phase = HANDOFF
+            execution.result_preview = result.return_value
+            if execution.role is ITEM:
+                self._finish_item(execution, failed=False)
+            return None
+        if execution.role is ITEM:
+            self._finish_item(execution, failed=True)
+            return None
+        exception = execution.exception or result.error
+        if exception is None or (isinstance(exception, NoResultError)
+                                 and execution.exception is None):
+            execution.phase = HANDOFF  # the task chose to store no result
+            return None
+        if execution.monitor is not None:
+            return _guarded(self._after_final_progress(
+                execution, True, self._step_failed, exception), None, "post_execute")
+        self._step_failed(execution, exception)
         return None
 
     def _step_failed(self, execution: Execution, exception: BaseException) -> None:
@@ -965,11 +974,11 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         execution = current_execution.get()
         if execution is None or execution.task_id != task_id:
             return
-        if execution.phase is not HANDOFF or execution.role is ITEM:
-            return
         try:
-            await self._finish_monitor(execution, failed=True)
-            self._report_error(execution, exc, will_retry=False)
-            self._end_run_failed(execution, exc, execution.step_name, execution.step_index)
+            if execution.phase is HANDOFF and execution.role is not ITEM:
+                await self._finish_monitor(execution, failed=True)
+                self._report_error(execution, exc, will_retry=False)
+                self._end_run_failed(execution, exc, execution.step_name, execution.step_index)
+            self._leave(execution)  # taskiq skips post_save when storing failed
         except Exception:
             logger.exception("flowtrace: reporting an unstored result failed")

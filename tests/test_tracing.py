@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from taskiq import AsyncBroker, InMemoryBroker, SimpleRetryMiddleware
+from taskiq.exceptions import NoResultError
 from taskiq_pipelines import Pipeline, PipelineMiddleware
 
 import flowtrace
@@ -726,6 +727,11 @@ async def test_in_process_runs_executed_in_place_leave_the_callers_context_as_it
     broker = InMemoryBroker(await_inplace=True)
     register_tasks(broker)
     broker.add_middlewares(FlowtraceMiddleware(tracer_provider=provider))
+
+    @broker.task(task_name="tracing.stores_nothing")
+    async def stores_nothing() -> None:
+        raise NoResultError  # taskiq stores no result and calls no post_save
+
     await broker.startup()
     try:
         square = broker.find_task(SQUARE)
@@ -733,10 +739,13 @@ async def test_in_process_runs_executed_in_place_leave_the_callers_context_as_it
         before = trace.get_current_span()
         first, second = await square.kiq(2), await square.kiq(3)
         assert trace.get_current_span() is before
+        await stores_nothing.kiq()
+        assert trace.get_current_span() is before
     finally:
         await broker.shutdown()
     spans = {s.attributes["flowtrace.pipeline.id"]: s  # type: ignore[index]
-             for s in exporter.get_finished_spans()}
+             for s in exporter.get_finished_spans()
+             if s.name == SQUARE}
     assert set(spans) == {first.task_id, second.task_id}
     assert all(s.parent is None for s in spans.values())
     assert spans[first.task_id].context.trace_id != spans[second.task_id].context.trace_id
