@@ -242,16 +242,8 @@ class SpanRecord(ReadableSpan, NonRecordingSpan):
         self._built_events = tuple(events)
 
     @property
-    def start_ns(self) -> int:
-        return self._start_time  # type: ignore[return-value]
-
-    @property
-    def trace_id_hex(self) -> str:
-        return "%032x" % self.trace_id  # noqa: UP031 - no bound __format__ per call
-
-    @property
     def span_id_hex(self) -> str:
-        return "%016x" % self.span_id  # noqa: UP031
+        return "%016x" % self.span_id  # noqa: UP031 - no bound __format__ per call
 
     def record_attributes(self, attributes: Mapping[str, Any]) -> None:
         cast(dict[str, Any], self._attributes).update(attributes)  # a dict: see __init__
