@@ -81,7 +81,7 @@ Offered = BaseEvent | EventFields
 """What a hook's backlog holds: an event, or the fields of one (the middleware's, see
 :data:`~flowtrace.events.EventFields`), made a model only when a hook method is called with
 it. A backlog of field dicts is nothing the garbage collector tracks; one of models, taken
-by the worker in batches, made it collect a third more often on a busy worker."""
+by the worker in batches, made it collect 40 % more often on a busy worker."""
 
 
 class _Subscription:
