@@ -546,10 +546,14 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         context holds (the execution, its span, its events) would outlive the message and
         make the garbage collector run more often.
         """
-        if execution.span_token is not None:
-            restore_current(execution.span_token)
-        if execution.token is not None:
-            current_execution.reset(execution.token)
+        try:
+            if execution.span_token is not None:
+                restore_current(execution.span_token)
+            if execution.token is not None:
+                current_execution.reset(execution.token)
+        except (ValueError, RuntimeError):
+            pass  # hooks called from another context (not taskiq's way): nothing of ours is set
+        execution.token = execution.span_token = None
 
     @staticmethod
     def _role_of(message: TaskiqMessage, fan_out: StepContext | None,
