@@ -540,7 +540,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     @staticmethod
     def _leave(execution: Execution) -> None:
-        """Undo :meth:`_enter` once the message is done (its last hook, ``post_save``).
+        """Undo :meth:`_enter` once the message is done: in its last hook, ``post_save``
+        (``post_execute`` when taskiq stores no result, the result backend's wrapper when
+        storing it failed).
 
         asyncio keeps a finished task, and with it its context, a while longer: what the
         context holds (the execution, its span, its events) would outlive the message and
