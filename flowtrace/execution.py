@@ -72,12 +72,13 @@ class Execution:
     token: contextvars.Token[Execution | None] | None = None
     """Undoes making this execution current (see ``FlowtraceMiddleware._leave``)."""
     span_token: Any = None
+    """Undoes making its span current (``tracing.current.restore_current``)."""
 
     def __init__(self, message: TaskiqMessage, run: RunContext, role: Role, step_index: int,
                  step_name: str, attempt: int, steps: list[StepInfo] | None,
                  started_wall_ns: int, started_perf_ns: int) -> None:
         self.message = message
-        self.task_id = message.task_id
+        self.task_id = message.task_id  # compared in every hook: read once
         self.run = run
         self.role = role
         self.step_index = step_index

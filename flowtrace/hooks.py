@@ -177,16 +177,11 @@ class _Subscription:
         sync_calls: list[tuple[str, Any, BaseEvent]] = []
         cache = self._method_cache
         for item in batch:
-            if type(item) is dict:
-                kind = EVENT_CLASSES[item["type"]]
-                calls = cache.get(kind) or self._methods(kind)
-                if not calls:
-                    continue
-                event: BaseEvent = event_of(item)
-            else:
-                event = item  # type: ignore[assignment]
-                kind = type(event)
-                calls = cache.get(kind) or self._methods(kind)
+            kind = EVENT_CLASSES[item["type"]] if isinstance(item, dict) else type(item)
+            calls = cache.get(kind) or self._methods(kind)
+            if not calls:  # nothing to call: no model is built
+                continue
+            event = event_of(item) if isinstance(item, dict) else item
             for name, method, is_async in calls:
                 if not is_async:
                     sync_calls.append((name, method, event))

@@ -61,14 +61,6 @@ class RunContext:
         label = self._label or self.encode()
         return label[1:33], label[33:49]
 
-    @property
-    def trace_hex(self) -> str:
-        return self.hex_ids()[0]
-
-    @property
-    def root_span_hex(self) -> str:
-        return self.hex_ids()[1]
-
     @classmethod
     def decode(cls, text: Any) -> RunContext | None:
         """The context in a label, or None when absent or unreadable."""

@@ -109,9 +109,15 @@ def _call_input(args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
-_now = datetime.now  # _now(_UTC): events' timestamps (``fromtimestamp`` costs twice as much)
+_now = datetime.now
 _UTC = timezone.utc
 _CONSUMER = SpanKind.CONSUMER
+
+
+def _clock() -> tuple[datetime, int]:
+    """Now, as an event's timestamp and in ns (two clock reads: a datetime built from the
+    ns costs twice as much as ``datetime.now``)."""
+    return _now(_UTC), _time_ns()
 
 
 def _utc(time_ns: int) -> datetime:
@@ -342,10 +348,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         await self.transport.flush()
         return message
 
-    def _start_run(self, message: TaskiqMessage, now: int) -> bool:
+    def _start_run(self, message: TaskiqMessage, sent_ns: int) -> bool:
         """Label a new run's first message and emit its PipelineStartEvent (True if done).
 
-        ``now``: when it was sent (its queue wait starts then), the run's start.
+        The run starts when its first message is sent (``sent_ns``, its kicked-at label).
         """
         labels = message.labels
         steps = None
@@ -354,7 +360,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             if steps is None or step != 0:
                 return False  # a later hop kicked without flowtrace: its worker picks the run up
         timestamp = _now(_UTC)
-        run = self._new_run(message, steps, now, labels)
+        run = self._new_run(message, steps, sent_ns, labels)
         labels[RUN_LABEL] = run.encode()
         self._emit_pipeline_start(run, message, steps, timestamp)
         return True
@@ -368,7 +374,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             run_id, kind, name = message.task_id, "task", message.task_name
         if explicit_name is not None:
             name = _label_text(explicit_name) or name
-        sink = self._sink if self._sink_resolved else self.sink
+        sink = self.sink
         if sink is None:
             return RunContext(run_id, name, kind, started_ns)
         parent = current_parent()
@@ -463,45 +469,23 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         try:
             self._keep_placement()
-            labels = message.labels
-            if (CURRENT_STEP in labels or STEP_LABEL in labels
-                    or not self._begin_plain(message, labels)):
-                self._begin(message)
+            self._begin(message)
         except Exception:
             logger.exception(_HOOK_FAILED, "pre_execute")
         return message
 
-    def _begin_plain(self, message: TaskiqMessage, labels: dict[str, Any]) -> bool:
-        """:meth:`_begin` for a plain task's first attempt, the commonest message, in a line.
-
-        False (having done nothing) for anything else: a run without a label, a retry, a
-        task a retry middleware may retry (its trace keeps a root span), an untraced kick.
-        """
-        label = labels.get(RUN_LABEL)
-        if label is None or labels.get("_retries"):
-            return False
-        run = RunContext.decode(label)
-        sink = self._sink if self._sink_resolved else self.sink
-        if (run is None or run.type != "task" or (sink is not None and not run.trace_id)
-                or (self._retry_middleware is not None and self._retryable(message))):
-            return False
-        timestamp, now, now_perf = _now(_UTC), _time_ns(), _perf_ns()
-        execution = Execution(message, run, STEP, 0, message.task_name, 1, None, now,
-                              now_perf)
-        execution.span_ends_run = True
-        span = self._root_step_span(execution) if sink is not None else None
-        self._enter(execution, span)
-        self._emit_step_start(execution, labels, now, timestamp)
-        return True
-
     def _begin(self, message: TaskiqMessage) -> None:
         """The message's :class:`Execution`, span context and start events."""
-        timestamp, now_wall, now_perf = _now(_UTC), _time_ns(), _perf_ns()
+        (timestamp, now_wall), now_perf = _clock(), _perf_ns()
         labels = message.labels
-        index = current_step(labels) if CURRENT_STEP in labels else None
-        steps = parse_steps(labels.get(PIPELINE_DATA)) if index is not None else None
-        fan_out = StepContext.decode(labels[STEP_LABEL]) if STEP_LABEL in labels else None
-        role = self._role_of(message, fan_out, steps)
+        if CURRENT_STEP in labels or STEP_LABEL in labels:  # a pipeline's hop
+            index = current_step(labels) if CURRENT_STEP in labels else None
+            steps = parse_steps(labels.get(PIPELINE_DATA)) if index is not None else None
+            fan_out = StepContext.decode(labels[STEP_LABEL]) if STEP_LABEL in labels else None
+            role = self._role_of(message, fan_out, steps)
+        else:  # a plain task, the commonest message
+            index = steps = fan_out = None
+            role = STEP
         run_label = labels.get(RUN_LABEL)
         run = RunContext.decode(run_label) if run_label is not None else None
         started_here = run is None
@@ -519,7 +503,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         retries = labels.get("_retries")
         execution = Execution(message, run, role, step_index, step_name,
                               int(retries) + 1 if retries else 1, steps, now_wall, now_perf)
-        execution.fan_out = fan_out
+        if fan_out is not None:
+            execution.fan_out = fan_out
         if started_here and (index in (None, 0)) and role is not ITEM:
             self._emit_pipeline_start(run, message, steps, timestamp)
         self._enter(execution, self._execution_span(execution, now_wall))
@@ -607,7 +592,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         attempt that reaches it.
         """
         run = execution.run
-        if self._retryable(execution.message):
+        if self._retry_middleware is not None and self._retryable(execution.message):
             return self._step_span(run, execution.step_name, execution.step_index,
                                    execution.attempt, execution.task_id, now, new_span_id())
         execution.span_ends_run = True
@@ -769,7 +754,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
         A run that ends here ends at the moment its last step does: one clock reading.
         """
-        timestamp, now = _now(_UTC), _time_ns()
+        timestamp, now = _clock()
         self._report_success(execution, timestamp, now)
         if execution.is_last_step:
             self._end_run_completed(execution, timestamp, now)
@@ -812,7 +797,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             return
         execution.outcome_reported = True
         if timestamp is None:
-            timestamp, now = _now(_UTC), _time_ns()
+            timestamp, now = _clock()
         if execution.role is WAITER:
             duration = self._fan_out_duration(execution, now)
         else:
@@ -839,7 +824,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
-        timestamp, now = _now(_UTC), _time_ns()
+        timestamp, now = _clock()
         duration = execution.duration_ms
         if execution.role is WAITER:
             duration = self._fan_out_duration(execution, now)
@@ -923,7 +908,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     def _end_run_failed(self, execution: Execution, exception: BaseException,
                         failed_step: str, failed_index: int) -> None:
-        run, timestamp, now = execution.run, _now(_UTC), _time_ns()
+        run, (timestamp, now) = execution.run, _clock()
         root = self._run_end_span(execution)
         fields: EventFields = {
             **self._run_end_ids(execution, root),

@@ -21,7 +21,7 @@ def test_every_run_survives_its_label(pipeline_id: str, name: str, kind: str, st
     label = run.encode()
     assert RunContext.decode(label) == run
     assert RunContext.decode(label.encode()) == run  # brokers may hand labels back as bytes
-    assert run.trace_hex == f"{trace_id:032x}" and run.root_span_hex == f"{root:016x}"
+    assert run.hex_ids() == (f"{trace_id:032x}", f"{root:016x}")
 
 
 @given(st.one_of(st.text(), st.binary(), st.none(), st.integers(), st.lists(st.text())))

@@ -20,7 +20,6 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
-from typing import Any
 
 from flowtrace.events import BaseEvent, Event, EventFields, event_of
 from flowtrace.transport.base import FROM_BEGINNING, Transport
@@ -67,7 +66,7 @@ class InMemoryTransport(Transport):
         # Each event's field dict (its ``__dict__``), not the model: a dict of plain values
         # is not tracked by the garbage collector, which would otherwise walk 10 000 models
         # in every full collection. Seqs are contiguous, the newest being ``_seq``.
-        self._ring: deque[dict[str, Any]] = deque(maxlen=maxlen)
+        self._ring: deque[EventFields] = deque(maxlen=maxlen)
         self._queue_size = subscriber_queue_size
         # Weak: a subscribe() whose iterator is dropped unstarted must not pin a queue.
         self._subscribers: weakref.WeakSet[_Queue] = weakref.WeakSet()
