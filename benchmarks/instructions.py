@@ -26,6 +26,9 @@ from typing import Any
 from benchmarks.common import python_child, stop_process
 
 VARIANTS = ("bare", "otel_prom", "flowtrace")
+ABLATION = ("flowtrace_no_hook", "flowtrace_no_tracing", "flowtrace_no_ring",
+            "flowtrace_bookkeeping")
+"""flowtrace with parts taken away (see ``benchmarks.overhead``): where its instructions go."""
 SIZES = (500, 1500)
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -61,14 +64,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     jobs = [(variant, n, "noop") for variant in VARIANTS for n in (small, large)]
     # The same with spans encoded to OTLP protobuf by the exporter (bare has none).
     jobs += [(variant, n, "noop_otlp") for variant in VARIANTS[1:] for n in (small, large)]
+    jobs += [(variant, n, "noop") for variant in ABLATION for n in (small, large)]
     with ThreadPoolExecutor(2) as pool:  # one valgrind per core
         counts = dict(zip(jobs, pool.map(lambda job: _instructions(*job), jobs), strict=True))
     extra = _tasks(large) - _tasks(small)
     per_task = {v: (counts[v, large, "noop"] - counts[v, small, "noop"]) / extra
-                for v in VARIANTS}
+                for v in VARIANTS + ABLATION}
     encoded = {v: (counts[v, large, "noop_otlp"] - counts[v, small, "noop_otlp"]) / extra
                for v in VARIANTS[1:]}
     bare, otel, ours = per_task["bare"], per_task["otel_prom"], per_task["flowtrace"]
+    no_hook = per_task["flowtrace_no_hook"]
     return {
         "tool": "valgrind --tool=cachegrind --cache-sim=no",
         "sizes": list(SIZES),
@@ -76,6 +81,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         "overhead_per_task": {"otel_prom": otel - bare, "flowtrace": ours - bare},
         # As throughput ratios (higher is better for flowtrace), comparable with ``overhead``.
         "ratios": {"flowtrace_vs_otel_prom": otel / ours, "flowtrace_vs_bare": bare / ours},
+        # What each part adds to a no-op task (the parts overlap a little: the rows need not
+        # sum to flowtrace's overhead exactly).
+        "parts_per_task": {
+            "hook (one async hook: four deliveries)": ours - no_hook,
+            "spans (tracing on)": no_hook - per_task["flowtrace_no_tracing"],
+            "ring (the in-memory transport keeps events)": no_hook - per_task["flowtrace_no_ring"],
+            "bookkeeping (labels, executions, event fields)":
+                per_task["flowtrace_bookkeeping"] - bare,
+        },
         "otlp_encoded": {
             "instructions_per_task": encoded,
             "encoding_per_task": {v: encoded[v] - per_task[v] for v in encoded},

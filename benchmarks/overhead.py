@@ -14,6 +14,14 @@ from one variant into another):
 - ``flowtrace_no_hook``: ``flowtrace.instrument(broker)`` as it comes, with no hook (the
   events still go to the in-memory transport's ring).
 
+Ablation variants (not run by default; ``--variants``, and ``benchmarks.instructions``):
+``flowtrace_no_hook`` with one part taken away, through the public API, to show where
+flowtrace's time goes:
+
+- ``flowtrace_no_tracing``: no tracer provider installed, so tracing is off (no spans).
+- ``flowtrace_no_ring``: events go to a transport that keeps nothing (:class:`Discard`).
+- ``flowtrace_bookkeeping``: both: what is left is labels, executions and event fields.
+
 Workloads (every one kicks N messages, then awaits every result):
 
 - ``noop``: ``async def noop(): return None``.
@@ -44,6 +52,7 @@ from typing import Any
 from benchmarks.common import flowtrace_location, free_port, median, run_json_child
 
 VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook", "flowtrace_no_hook")
+ABLATION_VARIANTS = ("flowtrace_no_tracing", "flowtrace_no_ring", "flowtrace_bookkeeping")
 WORKLOADS = ("noop", "work_1ms", "pipeline3", "noop_otlp")
 SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
 QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
@@ -65,6 +74,21 @@ class AsyncHook(_Counter):
 class SyncHook(_Counter):
     def on_event(self, event: Any) -> None:
         self.events += 1
+
+
+def _discarding_transport() -> Any:
+    from flowtrace.transport.memory import InMemoryTransport
+
+    class Discard(InMemoryTransport):
+        """The in-memory transport without its ring: takes every event, keeps none."""
+
+        def publish_nowait(self, event: Any) -> None:
+            pass
+
+        def publish_fields_nowait(self, fields: Any) -> None:
+            pass
+
+    return Discard()
 
 
 def _exporter() -> Any:
@@ -128,8 +152,17 @@ def _build(variant: str, processor: str, metrics_dir: str) -> tuple[Any, Any, An
 
     import flowtrace
 
-    trace.set_tracer_provider(provider)  # an installed SDK provider is used as is
     broker.add_middlewares(PipelineMiddleware())
+    if variant in ABLATION_VARIANTS:
+        tracing = variant == "flowtrace_no_ring"
+        if tracing:
+            trace.set_tracer_provider(provider)
+        else:  # nor one built from the environment's OTEL_* settings
+            os.environ["OTEL_TRACES_EXPORTER"] = "none"
+        transport = _discarding_transport() if variant != "flowtrace_no_tracing" else None
+        return (broker, provider if tracing else None, exporter if tracing else None, None,
+                flowtrace.instrument(broker, transport=transport))
+    trace.set_tracer_provider(provider)  # an installed SDK provider is used as is
     if variant == "flowtrace_no_hook":
         return broker, provider, exporter, None, flowtrace.instrument(broker)
     hook: _Counter = SyncHook() if variant == "flowtrace_sync_hook" else AsyncHook()
@@ -199,7 +232,8 @@ async def _child(variant: str, processor: str, workloads: list[str], sizes: dict
                 exporter.clear()
             events_before = hook.events if hook is not None else 0
             start, cpu_start = time.perf_counter(), time.process_time()
-            published_before = middleware.transport._seq if middleware is not None else 0
+            transport = middleware.transport if middleware is not None else None
+            published_before = getattr(transport, "_seq", 0)  # the in-memory ring's count
             if exporter is not None:
                 exporter.encode = workload == "noop_otlp"
             if workload == "pipeline3":
@@ -255,8 +289,9 @@ async def _child(variant: str, processor: str, workloads: list[str], sizes: dict
 
 # --------------------------------------------------------------------------- parent
 def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
-        processor: str = "batch") -> dict[str, Any]:
-    rounds, reps = (2, 1) if quick else (2, 3)
+        processor: str = "batch", rounds: int | None = None) -> dict[str, Any]:
+    reps = 1 if quick else 3
+    rounds = rounds or 2
     sizes = QUICK_SIZES if quick else SIZES
     metrics = ("per_s", "per_cpu_s")
     samples: dict[str, dict[str, dict[str, list[float]]]] = {
@@ -284,6 +319,10 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
     medians = {m: {v: {w: median(samples[m][v][w]) for w in WORKLOADS} for v in variants}
                for m in metrics}
     ratios: dict[str, Any] = {}
+    if "bare" in variants:  # every variant's noop rate as a share of bare taskiq's
+        bare = medians["per_s"]["bare"]["noop"]
+        ratios["noop_vs_bare"] = {v: medians["per_s"][v]["noop"] / bare
+                                  for v in variants}
     if {"bare", "otel_prom", "flowtrace"} <= set(variants):
         for metric in metrics:
             med = medians[metric]
@@ -293,7 +332,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
                 "otel_prom_vs_bare": med["otel_prom"][w] / med["bare"][w],
             } for w in WORKLOADS}
     targets = {}
-    if ratios:
+    if "per_s" in ratios:
         noop = ratios["per_s"]["noop"]
         targets = {
             "overhead: noop flowtrace >= 2.0x otel_prom": noop["flowtrace_vs_otel_prom"] >= 2.0,
@@ -315,13 +354,16 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--child", choices=VARIANTS)
+    parser.add_argument("--child", choices=VARIANTS + ABLATION_VARIANTS)
     parser.add_argument("--processor", choices=["batch", "simple"], default="batch")
     parser.add_argument("--sizes", default=json.dumps(SIZES))
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"also: {','.join(ABLATION_VARIANTS)}")
+    parser.add_argument("--rounds", type=int, help="rounds of every variant (default 2)")
     args = parser.parse_args(argv)
     if args.child:
         os.environ.setdefault("OTEL_SDK_DISABLED", "false")
@@ -329,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                                     json.loads(args.sizes), args.reps, args.window))
         print(json.dumps(result))
         return 0
-    print(json.dumps(run(args.quick, processor=args.processor), indent=2))
+    variants = tuple(args.variants.split(","))
+    print(json.dumps(run(args.quick, variants, args.processor, args.rounds), indent=2))
     return 0
 
 

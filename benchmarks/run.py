@@ -98,6 +98,8 @@ def _summary_table(results: dict[str, Any]) -> str:
             rows.append(["instructions, spans encoded to OTLP: flowtrace vs otel+prom", "-",
                          f"{per_task['flowtrace']:,.0f} vs {per_task['otel_prom']:,.0f} "
                          f"({encoded['ratios']['flowtrace_vs_otel_prom']:.2f}x)", "-"])
+        for part, count in i.get("parts_per_task", {}).items():
+            rows.append([f"instructions per no-op task: {part}", "-", f"{count:,.0f}", "-"])
     elif i:
         rows.append(["instructions per no-op task (valgrind)", "-", i["skipped"], "-"])
     f = results.get("fanout")
