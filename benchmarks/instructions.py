@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.common import python_child, stop_process
+from benchmarks.overhead import ABLATION_VARIANTS
 
 VARIANTS = ("bare", "otel_prom", "flowtrace")
-ABLATION = ("flowtrace_no_hook", "flowtrace_no_tracing", "flowtrace_no_ring",
-            "flowtrace_bookkeeping")
+ABLATION = ("flowtrace_no_hook", *ABLATION_VARIANTS)
 """flowtrace with parts taken away (see ``benchmarks.overhead``): where its instructions go."""
 SIZES = (500, 1500)
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")

@@ -52,7 +52,11 @@ from typing import Any
 from benchmarks.common import flowtrace_location, free_port, median, run_json_child
 
 VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook", "flowtrace_no_hook")
-ABLATION_VARIANTS = ("flowtrace_no_tracing", "flowtrace_no_ring", "flowtrace_bookkeeping")
+ABLATION_VARIANTS = {  # variant: (tracing, ring)
+    "flowtrace_no_tracing": (False, True),
+    "flowtrace_no_ring": (True, False),
+    "flowtrace_bookkeeping": (False, False),
+}
 WORKLOADS = ("noop", "work_1ms", "pipeline3", "noop_otlp")
 SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
 QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
@@ -154,14 +158,14 @@ def _build(variant: str, processor: str, metrics_dir: str) -> tuple[Any, Any, An
 
     broker.add_middlewares(PipelineMiddleware())
     if variant in ABLATION_VARIANTS:
-        tracing = variant == "flowtrace_no_ring"
+        tracing, ring = ABLATION_VARIANTS[variant]
         if tracing:
             trace.set_tracer_provider(provider)
-        else:  # nor one built from the environment's OTEL_* settings
+        else:  # no provider installed, nor one built from the environment's OTEL_* settings
             os.environ["OTEL_TRACES_EXPORTER"] = "none"
-        transport = _discarding_transport() if variant != "flowtrace_no_tracing" else None
-        return (broker, provider if tracing else None, exporter if tracing else None, None,
-                flowtrace.instrument(broker, transport=transport))
+            provider = exporter = None
+        transport = None if ring else _discarding_transport()
+        return broker, provider, exporter, None, flowtrace.instrument(broker, transport=transport)
     trace.set_tracer_provider(provider)  # an installed SDK provider is used as is
     if variant == "flowtrace_no_hook":
         return broker, provider, exporter, None, flowtrace.instrument(broker)
@@ -354,7 +358,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--child", choices=VARIANTS + ABLATION_VARIANTS)
+    parser.add_argument("--child", choices=[*VARIANTS, *ABLATION_VARIANTS])
     parser.add_argument("--processor", choices=["batch", "simple"], default="batch")
     parser.add_argument("--sizes", default=json.dumps(SIZES))
     parser.add_argument("--reps", type=int, default=2)

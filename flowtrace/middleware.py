@@ -419,7 +419,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         labels = message.labels
         index = current_step(labels)
         if index == execution.step_index + 1 and message.task_id == next_step.task_id:
-            await self._after_final_progress(execution, False, self._report_success)
+            await self._report_hop_success(execution)
             if next_step.fans_out:
                 fan_out = execution.next_fan_out or self._start_fan_out(execution, next_step)
                 fan_out = StepContext(fan_out.index, fan_out.span_id, fan_out.started_ns,
@@ -432,7 +432,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if index is None and next_step.fans_out and message.task_name == next_step.name:
             started = execution.next_fan_out
             if started is None:
-                await self._after_final_progress(execution, False, self._report_success)
+                await self._report_hop_success(execution)
                 started = self._start_fan_out(execution, next_step)
                 await self.transport.flush()
             fan_out = started
@@ -592,7 +592,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         attempt that reaches it.
         """
         run = execution.run
-        if self._retry_middleware is not None and self._retryable(execution.message):
+        if self._retryable(execution.message):
             return self._step_span(run, execution.step_name, execution.step_index,
                                    execution.attempt, execution.task_id, now, new_span_id())
         execution.span_ends_run = True
@@ -789,15 +789,18 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         await self._finish_monitor(execution, failed)
         report(execution, *args)
 
-    def _report_success(self, execution: Execution, timestamp: datetime | None = None,
-                        now: int = 0) -> None:
-        """StepCompleteEvent and the step's span (a waiter's monitor is finished first),
-        at ``timestamp``/``now`` when given, else now."""
+    async def _report_hop_success(self, execution: Execution) -> None:
+        """:meth:`_report_success` of a hop whose next message is being sent (a waiter's
+        final counts first)."""
+        await self._finish_monitor(execution, failed=False)
+        self._report_success(execution, *_clock())
+
+    def _report_success(self, execution: Execution, timestamp: datetime, now: int) -> None:
+        """StepCompleteEvent at ``timestamp`` (``now`` in ns) and the end of the step's span
+        (a waiter's monitor is finished first)."""
         if execution.outcome_reported:
             return
         execution.outcome_reported = True
-        if timestamp is None:
-            timestamp, now = _clock()
         if execution.role is WAITER:
             duration = self._fan_out_duration(execution, now)
         else:

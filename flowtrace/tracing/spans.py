@@ -213,6 +213,8 @@ class SpanRecord(ReadableSpan, NonRecordingSpan):
         in-memory exporter) holds one object the garbage collector tracks, not two."""
         return span_context(self.trace_id, self.span_id, self.sampled)
 
+    # The setters keep ``ReadableSpan``'s attributes writable, as the SDK declares them;
+    # flowtrace itself never assigns them.
     @_context.setter
     def _context(self, context: SpanContext) -> None:
         self.trace_id, self.span_id = context.trace_id, context.span_id
