@@ -22,6 +22,12 @@ flowtrace's time goes:
 - ``flowtrace_no_ring``: events go to a transport that keeps nothing (:class:`Discard`).
 - ``flowtrace_bookkeeping``: both: what is left is labels, executions and event fields.
 
+Span handling, for every variant that traces (``--processor``, ``--exporter``): the SDK's
+``BatchSpanProcessor`` (default) or ``SimpleSpanProcessor`` (no thread: each span is
+exported as it ends); an in-memory exporter that keeps every span (default, as
+``InMemorySpanExporter`` does) or one that drops each batch once exported, as a network
+exporter does. ``--workloads`` limits what runs (``--workloads noop`` for the ablation).
+
 Workloads (every one kicks N messages, then awaits every result):
 
 - ``noop``: ``async def noop(): return None``.
@@ -95,29 +101,37 @@ def _discarding_transport() -> Any:
     return Discard()
 
 
-def _exporter() -> Any:
+def _exporter(keep: bool) -> Any:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     class Exporter(InMemorySpanExporter):
-        """Keeps spans in memory; with ``encode`` set, first encodes each batch to OTLP
-        protobuf bytes as the OTLP exporters do (everything but the network)."""
+        """Keeps spans in memory (``keep``, the in-memory exporter's way) or drops them once
+        exported, as a network exporter does; with ``encode`` set, first encodes each batch
+        to OTLP protobuf bytes as the OTLP exporters do (everything but the network)."""
 
         encode = False
+        exported = 0
 
         def export(self, spans: Any) -> Any:
+            self.exported += len(spans)
             if self.encode:
                 encode_spans(spans).SerializeToString()
-            return super().export(spans)
+            return super().export(spans) if keep else SpanExportResult.SUCCESS
+
+        def clear(self) -> None:
+            self.exported = 0
+            super().clear()
 
     return Exporter()
 
 
-def _provider(processor: str) -> tuple[Any, Any]:
+def _provider(processor: str, exporter_mode: str) -> tuple[Any, Any]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    exporter = _exporter()
+    exporter = _exporter(exporter_mode == "keep")
     provider = TracerProvider()
     if processor == "simple":
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -126,7 +140,8 @@ def _provider(processor: str) -> tuple[Any, Any]:
     return provider, exporter
 
 
-def _build(variant: str, processor: str, metrics_dir: str) -> tuple[Any, Any, Any, Any, Any]:
+def _build(variant: str, processor: str, metrics_dir: str,
+           exporter_mode: str = "keep") -> tuple[Any, Any, Any, Any, Any]:
     """(broker, provider, exporter, hook, middleware); None where a variant has none."""
     from taskiq import InMemoryBroker
     from taskiq_pipelines import PipelineMiddleware
@@ -135,7 +150,7 @@ def _build(variant: str, processor: str, metrics_dir: str) -> tuple[Any, Any, An
     if variant == "bare":
         broker.add_middlewares(PipelineMiddleware())
         return broker, None, None, None, None
-    provider, exporter = _provider(processor)
+    provider, exporter = _provider(processor, exporter_mode)
     if variant == "otel_prom":
         # PrometheusMiddleware only starts its HTTP server in a worker process
         # (``broker.is_worker_process``), which an InMemoryBroker is not; a free port
@@ -206,12 +221,13 @@ async def _hooks_caught_up(hook: Any, hooks: Any, expected: int, timeout: float 
 
 
 async def _child(variant: str, processor: str, workloads: list[str], sizes: dict[str, int],
-                 reps: int, window: int) -> dict[str, Any]:
+                 reps: int, window: int, exporter_mode: str) -> dict[str, Any]:
     from taskiq_pipelines import Pipeline
 
     metrics_dir = tempfile.mkdtemp(prefix="flowtrace-bench-prom-")
     try:
-        broker, provider, exporter, hook, middleware = _build(variant, processor, metrics_dir)
+        broker, provider, exporter, hook, middleware = _build(variant, processor, metrics_dir,
+                                                              exporter_mode)
 
         @broker.task(task_name="noop")
         async def noop() -> None:
@@ -265,7 +281,7 @@ async def _child(variant: str, processor: str, workloads: list[str], sizes: dict
             return {
                 "per_s": n / elapsed,
                 "per_cpu_s": n / cpu,
-                "spans_per_item": (len(exporter.get_finished_spans()) / n) if exporter else 0,
+                "spans_per_item": (exporter.exported / n) if exporter else 0,
                 "hook_events_per_item": ((hook.events - events_before) / n) if hook else 0,
             }
 
@@ -293,21 +309,23 @@ async def _child(variant: str, processor: str, workloads: list[str], sizes: dict
 
 # --------------------------------------------------------------------------- parent
 def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
-        processor: str = "batch", rounds: int | None = None) -> dict[str, Any]:
+        processor: str = "batch", rounds: int | None = None,
+        exporter: str = "keep", workloads: tuple[str, ...] = WORKLOADS) -> dict[str, Any]:
     reps = 1 if quick else 3
     rounds = rounds or 2
     sizes = QUICK_SIZES if quick else SIZES
     metrics = ("per_s", "per_cpu_s")
     samples: dict[str, dict[str, dict[str, list[float]]]] = {
-        m: {v: {w: [] for w in WORKLOADS} for v in variants} for m in metrics}
+        m: {v: {w: [] for w in workloads} for v in variants} for m in metrics}
     info: dict[str, dict[str, Any]] = {v: {} for v in variants}
     for round_index in range(rounds):
         for variant in variants:
             print(f"  overhead round {round_index + 1}/{rounds}: {variant}", flush=True)
             result = run_json_child(
                 ["-m", "benchmarks.overhead", "--child", variant, "--processor", processor,
+                 "--exporter", exporter, "--workloads", ",".join(workloads),
                  "--sizes", json.dumps(sizes), "--reps", str(reps)], timeout=600)
-            for workload in WORKLOADS:
+            for workload in workloads:
                 for metric in metrics:
                     samples[metric][variant][workload].extend(result[workload][metric])
                 info[variant][workload] = {
@@ -320,21 +338,21 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
             if "hook_dropped" in result:  # events the hook lost to its backlog, every run
                 info[variant]["hook_dropped"] = (info[variant].get("hook_dropped", 0)
                                                  + result["hook_dropped"])
-    medians = {m: {v: {w: median(samples[m][v][w]) for w in WORKLOADS} for v in variants}
+    medians = {m: {v: {w: median(samples[m][v][w]) for w in workloads} for v in variants}
                for m in metrics}
     ratios: dict[str, Any] = {}
-    if "bare" in variants:  # every variant's noop rate as a share of bare taskiq's
+    if "bare" in variants and "noop" in workloads:  # each variant's noop rate over bare's
         bare = medians["per_s"]["bare"]["noop"]
         ratios["noop_vs_bare"] = {v: medians["per_s"][v]["noop"] / bare
                                   for v in variants}
-    if {"bare", "otel_prom", "flowtrace"} <= set(variants):
+    if {"bare", "otel_prom", "flowtrace"} <= set(variants) and "noop" in workloads:
         for metric in metrics:
             med = medians[metric]
             ratios[metric] = {w: {
                 "flowtrace_vs_bare": med["flowtrace"][w] / med["bare"][w],
                 "flowtrace_vs_otel_prom": med["flowtrace"][w] / med["otel_prom"][w],
                 "otel_prom_vs_bare": med["otel_prom"][w] / med["bare"][w],
-            } for w in WORKLOADS}
+            } for w in workloads}
     targets = {}
     if "per_s" in ratios:
         noop = ratios["per_s"]["noop"]
@@ -344,6 +362,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
         }
     return {
         "processor": processor,
+        "exporter": exporter,
         "window": WINDOW,
         "sizes": sizes,
         "rounds": rounds,
@@ -360,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", choices=[*VARIANTS, *ABLATION_VARIANTS])
     parser.add_argument("--processor", choices=["batch", "simple"], default="batch")
+    parser.add_argument("--exporter", choices=["keep", "discard"], default="keep",
+                        help="the in-memory exporter keeps every span, or drops each batch "
+                             "once exported (as a network exporter does)")
     parser.add_argument("--sizes", default=json.dumps(SIZES))
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--window", type=int, default=WINDOW)
@@ -372,11 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         os.environ.setdefault("OTEL_SDK_DISABLED", "false")
         result = asyncio.run(_child(args.child, args.processor, args.workloads.split(","),
-                                    json.loads(args.sizes), args.reps, args.window))
+                                    json.loads(args.sizes), args.reps, args.window,
+                                    args.exporter))
         print(json.dumps(result))
         return 0
     variants = tuple(args.variants.split(","))
-    print(json.dumps(run(args.quick, variants, args.processor, args.rounds), indent=2))
+    workloads = tuple(args.workloads.split(","))
+    print(json.dumps(run(args.quick, variants, args.processor, args.rounds, args.exporter,
+                         workloads), indent=2))
     return 0
 
 
