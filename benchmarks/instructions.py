@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.common import python_child, stop_process
-from benchmarks.overhead import ABLATION_VARIANTS
+from benchmarks.overhead import ABLATION_VARIANTS, FLOOR
 
 VARIANTS = ("bare", "otel_prom", "flowtrace")
-ABLATION = ("flowtrace_no_hook", *ABLATION_VARIANTS)
-"""flowtrace with parts taken away (see ``benchmarks.overhead``): where its instructions go."""
+ABLATION = ("flowtrace_no_hook", *ABLATION_VARIANTS, FLOOR)
+"""flowtrace with parts taken away (see ``benchmarks.overhead``): where its instructions go;
+and the floor, the contract's work written flat (``benchmarks.floor``)."""
 SIZES = (500, 1500)
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -90,6 +91,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             "bookkeeping (labels, executions, event fields)":
                 per_task["flowtrace_bookkeeping"] - bare,
         },
+        # The contract's work for a plain task written flat: what flowtrace's own code adds.
+        "floor": {"instructions_per_task": per_task[FLOOR], "flowtrace_over_floor":
+                  ours - per_task[FLOOR], "floor_vs_bare": bare / per_task[FLOOR]},
         "otlp_encoded": {
             "instructions_per_task": encoded,
             "encoding_per_task": {v: encoded[v] - per_task[v] for v in encoded},

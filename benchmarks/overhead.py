@@ -13,6 +13,9 @@ from one variant into another):
 - ``flowtrace_sync_hook``: the same with a trivial *sync* hook (run on a thread).
 - ``flowtrace_no_hook``: ``flowtrace.instrument(broker)`` as it comes, with no hook (the
   events still go to the in-memory transport's ring).
+- ``floor``: not flowtrace but :mod:`benchmarks.floor`, a flat middleware doing for a
+  plain task only what flowtrace's contract asks (the same events, span and hook as
+  ``flowtrace``): what of flowtrace's cost is the contract's work, what its own code.
 
 Ablation variants (not run by default; ``--variants``, and ``benchmarks.instructions``):
 ``flowtrace_no_hook`` with one part taken away, through the public API, to show where
@@ -57,12 +60,15 @@ from typing import Any
 
 from benchmarks.common import flowtrace_location, free_port, median, run_json_child
 
-VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook", "flowtrace_no_hook")
+VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook", "flowtrace_no_hook",
+            "floor")
 ABLATION_VARIANTS = {  # variant: (tracing, ring)
     "flowtrace_no_tracing": (False, True),
     "flowtrace_no_ring": (True, False),
     "flowtrace_bookkeeping": (False, False),
 }
+FLOOR = VARIANTS[-1]
+"""Not flowtrace: :mod:`benchmarks.floor`, the contract's work for a plain task written flat."""
 WORKLOADS = ("noop", "work_1ms", "pipeline3", "noop_otlp")
 SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
 QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
@@ -172,6 +178,17 @@ def _build(variant: str, processor: str, metrics_dir: str,
     import flowtrace
 
     broker.add_middlewares(PipelineMiddleware())
+    if variant == FLOOR:
+        from benchmarks.floor import FloorMiddleware
+        from flowtrace.transport.memory import InMemoryTransport
+
+        trace.set_tracer_provider(provider)
+        floor_hook, hooks = AsyncHook(), flowtrace.HookManager()
+        hooks.add_hook(floor_hook)
+        floor = FloorMiddleware(provider, hooks, InMemoryTransport())
+        broker.middlewares.insert(0, floor)  # first, where flowtrace places itself
+        floor.set_broker(broker)
+        return broker, provider, exporter, floor_hook, floor
     if variant in ABLATION_VARIANTS:
         tracing, ring = ABLATION_VARIANTS[variant]
         if tracing:

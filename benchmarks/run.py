@@ -35,6 +35,8 @@ def _overhead_table(o: dict[str, Any]) -> str:
     for workload, unit in (("noop", "tasks/s"), ("work_1ms", "tasks/s"),
                            ("pipeline3", "pipelines/s"), ("noop_otlp", "tasks/s")):
         for variant in med:
+            if variant == "floor" and workload == "pipeline3":
+                continue  # the floor knows no pipelines: its hops count as plain tasks
             rows.append([workload, variant, f"{med[variant][workload]:,.0f} {unit}",
                          f"{cpu[variant][workload]:,.0f}",
                          f"{med[variant][workload] / med['bare'][workload]:.2f}x",
@@ -76,6 +78,11 @@ def _summary_table(results: dict[str, Any]) -> str:
             rows.append(["overhead: noop, flowtrace without a hook vs otel+prom / bare", "-",
                          f"{med['flowtrace_no_hook']['noop'] / med['otel_prom']['noop']:.2f}x"
                          f" / {med['flowtrace_no_hook']['noop'] / med['bare']['noop']:.2f}x", "-"])
+        if "floor" in med:
+            rows.append(["overhead: noop, the contract's work written flat "
+                         "(benchmarks/floor.py) vs bare", "-",
+                         f"{med['floor']['noop'] / med['bare']['noop']:.2f}x (flowtrace "
+                         f"{med['flowtrace']['noop'] / med['floor']['noop']:.2f}x of it)", "-"])
         lost = [o["info"].get(v, {}).get("hook_dropped") for v in ("flowtrace",
                                                                       "flowtrace_sync_hook")]
         if None not in lost:
@@ -98,6 +105,11 @@ def _summary_table(results: dict[str, Any]) -> str:
             rows.append(["instructions, spans encoded to OTLP: flowtrace vs otel+prom", "-",
                          f"{per_task['flowtrace']:,.0f} vs {per_task['otel_prom']:,.0f} "
                          f"({encoded['ratios']['flowtrace_vs_otel_prom']:.2f}x)", "-"])
+        floor = i.get("floor")
+        if floor:
+            rows.append(["instructions per no-op task: the contract's work written flat", "-",
+                         f"{floor['instructions_per_task']:,.0f} ({floor['floor_vs_bare']:.2f}x"
+                         f" bare; flowtrace adds {floor['flowtrace_over_floor']:,.0f})", "-"])
         for part, count in i.get("parts_per_task", {}).items():
             rows.append([f"instructions per no-op task: {part}", "-", f"{count:,.0f}", "-"])
     elif i:
