@@ -60,18 +60,22 @@ from typing import Any
 
 from benchmarks.common import flowtrace_location, free_port, median, run_json_child
 
-VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook", "flowtrace_no_hook",
-            "floor")
+FLOOR = "floor"
+"""Not flowtrace: :mod:`benchmarks.floor`, the contract's work for a plain task written flat."""
+VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_sync_hook", "flowtrace_no_hook", FLOOR)
 ABLATION_VARIANTS = {  # variant: (tracing, ring)
     "flowtrace_no_tracing": (False, True),
     "flowtrace_no_ring": (True, False),
     "flowtrace_bookkeeping": (False, False),
 }
-FLOOR = VARIANTS[-1]
-"""Not flowtrace: :mod:`benchmarks.floor`, the contract's work for a plain task written flat."""
 WORKLOADS = ("noop", "work_1ms", "pipeline3", "noop_otlp")
+NOT_RUN = {FLOOR: {"pipeline3"}}
+"""Workloads a variant cannot run: the floor knows no pipelines (its hops would be runs)."""
 SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
 QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
+ROUNDS = 3
+"""Rounds per variant: a minute of this shared host can run a third slower than the next,
+and with two rounds one slow round was half of a cell's samples (the sixth round's run)."""
 WINDOW = 100
 """Messages in flight at most: taskiq's worker default ``--max-async-tasks``."""
 
@@ -90,6 +94,16 @@ class AsyncHook(_Counter):
 class SyncHook(_Counter):
     def on_event(self, event: Any) -> None:
         self.events += 1
+
+
+def _counting_hooks(sync: bool = False) -> tuple[_Counter, Any]:
+    """A trivial counting hook and the ``HookManager`` that holds it."""
+    from flowtrace import HookManager
+
+    hook: _Counter = SyncHook() if sync else AsyncHook()
+    hooks = HookManager()
+    hooks.add_hook(hook)
+    return hook, hooks
 
 
 def _discarding_transport() -> Any:
@@ -177,18 +191,16 @@ def _build(variant: str, processor: str, metrics_dir: str,
 
     import flowtrace
 
-    broker.add_middlewares(PipelineMiddleware())
     if variant == FLOOR:
         from benchmarks.floor import FloorMiddleware
         from flowtrace.transport.memory import InMemoryTransport
 
         trace.set_tracer_provider(provider)
-        floor_hook, hooks = AsyncHook(), flowtrace.HookManager()
-        hooks.add_hook(floor_hook)
+        hook, hooks = _counting_hooks()
         floor = FloorMiddleware(provider, hooks, InMemoryTransport())
-        broker.middlewares.insert(0, floor)  # first, where flowtrace places itself
-        floor.set_broker(broker)
-        return broker, provider, exporter, floor_hook, floor
+        broker.add_middlewares(floor, PipelineMiddleware())  # first, where flowtrace sits
+        return broker, provider, exporter, hook, floor
+    broker.add_middlewares(PipelineMiddleware())
     if variant in ABLATION_VARIANTS:
         tracing, ring = ABLATION_VARIANTS[variant]
         if tracing:
@@ -201,9 +213,7 @@ def _build(variant: str, processor: str, metrics_dir: str,
     trace.set_tracer_provider(provider)  # an installed SDK provider is used as is
     if variant == "flowtrace_no_hook":
         return broker, provider, exporter, None, flowtrace.instrument(broker)
-    hook: _Counter = SyncHook() if variant == "flowtrace_sync_hook" else AsyncHook()
-    hooks = flowtrace.HookManager()
-    hooks.add_hook(hook)
+    hook, hooks = _counting_hooks(sync=variant == "flowtrace_sync_hook")
     middleware = flowtrace.instrument(broker, hooks=hooks)
     return broker, provider, exporter, hook, middleware
 
@@ -329,20 +339,21 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
         processor: str = "batch", rounds: int | None = None,
         exporter: str = "keep", workloads: tuple[str, ...] = WORKLOADS) -> dict[str, Any]:
     reps = 1 if quick else 3
-    rounds = rounds or 2
+    rounds = rounds or ROUNDS
     sizes = QUICK_SIZES if quick else SIZES
     metrics = ("per_s", "per_cpu_s")
+    runs = {v: [w for w in workloads if w not in NOT_RUN.get(v, ())] for v in variants}
     samples: dict[str, dict[str, dict[str, list[float]]]] = {
-        m: {v: {w: [] for w in workloads} for v in variants} for m in metrics}
+        m: {v: {w: [] for w in runs[v]} for v in variants} for m in metrics}
     info: dict[str, dict[str, Any]] = {v: {} for v in variants}
     for round_index in range(rounds):
         for variant in variants:
             print(f"  overhead round {round_index + 1}/{rounds}: {variant}", flush=True)
             result = run_json_child(
                 ["-m", "benchmarks.overhead", "--child", variant, "--processor", processor,
-                 "--exporter", exporter, "--workloads", ",".join(workloads),
+                 "--exporter", exporter, "--workloads", ",".join(runs[variant]),
                  "--sizes", json.dumps(sizes), "--reps", str(reps)], timeout=600)
-            for workload in workloads:
+            for workload in runs[variant]:
                 for metric in metrics:
                     samples[metric][variant][workload].extend(result[workload][metric])
                 info[variant][workload] = {
@@ -355,7 +366,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
             if "hook_dropped" in result:  # events the hook lost to its backlog, every run
                 info[variant]["hook_dropped"] = (info[variant].get("hook_dropped", 0)
                                                  + result["hook_dropped"])
-    medians = {m: {v: {w: median(samples[m][v][w]) for w in workloads} for v in variants}
+    medians = {m: {v: {w: median(samples[m][v][w]) for w in runs[v]} for v in variants}
                for m in metrics}
     ratios: dict[str, Any] = {}
     if "bare" in variants and "noop" in workloads:  # each variant's noop rate over bare's
@@ -406,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"also: {','.join(ABLATION_VARIANTS)}")
-    parser.add_argument("--rounds", type=int, help="rounds of every variant (default 2)")
+    parser.add_argument("--rounds", type=int, help=f"rounds of every variant (default {ROUNDS})")
     args = parser.parse_args(argv)
     if args.child:
         os.environ.setdefault("OTEL_SDK_DISABLED", "false")
