@@ -1,8 +1,8 @@
 """Worker overhead: tasks/s on taskiq's InMemoryBroker with and without instrumentation.
 
-Variants (each in its own fresh process, so that global state — the OpenTelemetry
-tracer provider, prometheus_client's registry and its multiprocess mode — never leaks
-from one variant into another):
+Variants (each in its own process, so that global state — the OpenTelemetry tracer
+provider, prometheus_client's registry and its multiprocess mode — never leaks from one
+variant into another):
 
 - ``bare``: taskiq alone.
 - ``otel_prom``: taskiq's ``OpenTelemetryMiddleware`` + ``PrometheusMiddleware``, an SDK
@@ -41,9 +41,14 @@ Workloads (every one kicks N messages, then awaits every result):
   as the OTLP exporters do before sending: what exporting the spans costs, which the
   in-memory exporter of the other workloads never pays (bare has no exporter: = noop).
 
-The parent runs ``rounds`` rounds, each starting every variant once (interleaved, so
-that machine noise hits all of them alike); a child measures each workload ``reps``
-times after one warm-up run. The result is the median over all samples.
+The parent starts one process per variant (``--serve``) and keeps them up for the whole
+run. After one warm-up run of every variant and workload, it takes ``--samples`` slots per
+workload: a slot asks every variant for one sample in turn (the order rotated from slot to
+slot), so the samples of a slot lie seconds apart. A cell's rate is the median of its
+samples; a ratio of two variants is the median of their slot-by-slot ratios: on a shared
+host a slow minute slows both sides of each ratio instead of one variant's samples.
+``--child`` measures one variant's workloads in one go (``benchmarks.instructions`` counts
+such a child under valgrind).
 """
 
 from __future__ import annotations
@@ -52,13 +57,15 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, cast
 
-from benchmarks.common import flowtrace_location, free_port, median, run_json_child
+from benchmarks.common import flowtrace_location, free_port, median, python_child, stop_process
 
 FLOOR = "floor"
 """Not flowtrace: :mod:`benchmarks.floor`, the contract's work for a plain task written flat."""
@@ -73,9 +80,9 @@ NOT_RUN = {FLOOR: {"pipeline3"}}
 """Workloads a variant cannot run: the floor knows no pipelines (its hops would be runs)."""
 SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
 QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
-ROUNDS = 3
-"""Rounds per variant: a minute of this shared host can run a third slower than the next,
-and with two rounds one slow round was half of a cell's samples (the sixth round's run)."""
+SAMPLES = 9
+QUICK_SAMPLES = 3
+"""Samples per variant and workload (slots: each slot measures every variant once)."""
 WINDOW = 100
 """Messages in flight at most: taskiq's worker default ``--max-async-tasks``."""
 
@@ -247,14 +254,15 @@ async def _hooks_caught_up(hook: Any, hooks: Any, expected: int, timeout: float 
         await asyncio.sleep(0.0005)
 
 
-async def _child(variant: str, processor: str, workloads: list[str], sizes: dict[str, int],
-                 reps: int, window: int, exporter_mode: str) -> dict[str, Any]:
-    from taskiq_pipelines import Pipeline
+class _Bench:
+    """One variant's broker, tasks and instruments, measuring a workload when asked."""
 
-    metrics_dir = tempfile.mkdtemp(prefix="flowtrace-bench-prom-")
-    try:
-        broker, provider, exporter, hook, middleware = _build(variant, processor, metrics_dir,
-                                                              exporter_mode)
+    def __init__(self, variant: str, processor: str, exporter_mode: str, window: int) -> None:
+        self.variant, self.window = variant, window
+        self.metrics_dir = tempfile.mkdtemp(prefix="flowtrace-bench-prom-")
+        (self.broker, self.provider, self.exporter, self.hook,
+         self.middleware) = _build(variant, processor, self.metrics_dir, exporter_mode)
+        broker = self.broker
 
         @broker.task(task_name="noop")
         async def noop() -> None:
@@ -270,133 +278,220 @@ async def _child(variant: str, processor: str, workloads: list[str], sizes: dict
         async def step(value: int = 0) -> int:
             return value + 1
 
-        await broker.startup()
+        self.tasks = {"noop": noop, "work_1ms": work_1ms, "noop_otlp": noop}
+        self.step = step
+
+    async def measure(self, workload: str, n: int) -> dict[str, Any]:
+        """Kick ``n`` messages of ``workload`` and wait for everything they cause: results,
+        hook calls and the export of their spans."""
+        from taskiq_pipelines import Pipeline
+
+        broker, exporter, hook, middleware = (self.broker, self.exporter, self.hook,
+                                              self.middleware)
         backend = broker.result_backend
+        backend.results.clear()
+        if exporter is not None:
+            exporter.clear()
+            exporter.encode = workload == "noop_otlp"
+        events_before = hook.events if hook is not None else 0
+        transport = middleware.transport if middleware is not None else None
+        published_before = getattr(transport, "_seq", 0)  # the in-memory ring's count
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if workload == "pipeline3":
+            pipe = Pipeline(broker, self.step).call_next(self.step).call_next(self.step)
+            ids = await _kick_windowed(lambda: pipe.kiq(0), n, broker, self.window)
+        else:
+            ids = await _kick_windowed(self.tasks[workload].kiq, n, broker, self.window)
+        if middleware is not None and hook is not None:
+            published = middleware.transport._seq - published_before
+            await _hooks_caught_up(hook, middleware.hooks, events_before + published)
+        if self.provider is not None:
+            self.provider.force_flush()  # the spans' export is part of the work measured
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
+        self._check(workload, ids)
+        return {
+            "per_s": n / elapsed,
+            "per_cpu_s": n / cpu,
+            "spans_per_item": (exporter.exported / n) if exporter else 0,
+            "hook_events_per_item": ((hook.events - events_before) / n) if hook else 0,
+        }
 
-        async def one(workload: str, n: int) -> dict[str, Any]:
-            backend.results.clear()
-            if exporter is not None:
-                exporter.clear()
-            events_before = hook.events if hook is not None else 0
-            start, cpu_start = time.perf_counter(), time.process_time()
-            transport = middleware.transport if middleware is not None else None
-            published_before = getattr(transport, "_seq", 0)  # the in-memory ring's count
-            if exporter is not None:
-                exporter.encode = workload == "noop_otlp"
-            if workload == "pipeline3":
-                pipe = Pipeline(broker, step).call_next(step).call_next(step)
-                ids = await _kick_windowed(lambda: pipe.kiq(0), n, broker, window)
-            else:
-                task = work_1ms if workload == "work_1ms" else noop
-                ids = await _kick_windowed(task.kiq, n, broker, window)
-            if middleware is not None and hook is not None:
-                published = middleware.transport._seq - published_before
-                await _hooks_caught_up(hook, middleware.hooks, events_before + published)
-            if provider is not None:
-                provider.force_flush()  # the spans' export is part of the work measured
-            elapsed = time.perf_counter() - start
-            cpu = time.process_time() - cpu_start
-            missing = [i for i in ids if i not in backend.results]
-            errors = sum(1 for i in ids if i in backend.results and backend.results[i].is_err)
-            if missing or errors:
-                raise RuntimeError(f"{variant}/{workload}: {len(missing)} results missing, "
-                                   f"{errors} failed")
-            if workload == "pipeline3":
-                finals = {backend.results[i].return_value for i in ids}
-                if finals != {3}:
-                    raise RuntimeError(f"pipeline results {finals}")
-            return {
-                "per_s": n / elapsed,
-                "per_cpu_s": n / cpu,
-                "spans_per_item": (exporter.exported / n) if exporter else 0,
-                "hook_events_per_item": ((hook.events - events_before) / n) if hook else 0,
-            }
+    def _check(self, workload: str, ids: list[str]) -> None:
+        results = self.broker.result_backend.results
+        missing = [i for i in ids if i not in results]
+        errors = sum(1 for i in ids if i in results and results[i].is_err)
+        if missing or errors:
+            raise RuntimeError(f"{self.variant}/{workload}: {len(missing)} results missing, "
+                               f"{errors} failed")
+        if workload == "pipeline3":
+            finals = {results[i].return_value for i in ids}
+            if finals != {3}:
+                raise RuntimeError(f"pipeline results {finals}")
 
+    def info(self) -> dict[str, Any]:
+        """What the variant lost and which flowtrace it measured."""
+        middleware = self.middleware
+        if middleware is None:
+            return {}
+        info: dict[str, Any] = {"flowtrace": flowtrace_location(),
+                                "dropped": dict(middleware.transport.dropped)}
+        if middleware.hooks is not None:
+            info["hook_dropped"] = middleware.hooks.dropped
+        return info
+
+    async def close(self) -> None:
+        await self.broker.shutdown()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+async def _once(variant: str, processor: str, workloads: list[str], sizes: dict[str, int],
+                reps: int, window: int, exporter_mode: str) -> dict[str, Any]:
+    """Every workload measured ``reps`` times after a warm-up, in one go
+    (``benchmarks.instructions`` counts such a child's instructions under valgrind)."""
+    bench = _Bench(variant, processor, exporter_mode, window)
+    await bench.broker.startup()
+    try:
         results: dict[str, Any] = {}
         for workload in workloads:
             n = sizes[workload]
-            await one(workload, max(100, n // 5))  # warm-up
-            samples = [await one(workload, n) for _ in range(reps)]
-            results[workload] = {
-                "per_s": [s["per_s"] for s in samples],
-                "per_cpu_s": [s["per_cpu_s"] for s in samples],
-                "spans_per_item": samples[-1]["spans_per_item"],
-                "hook_events_per_item": samples[-1]["hook_events_per_item"],
-            }
-        if middleware is not None:
-            results["flowtrace"] = flowtrace_location()
-            results["dropped"] = dict(middleware.transport.dropped)
-            if middleware.hooks is not None:
-                results["hook_dropped"] = middleware.hooks.dropped
-        await broker.shutdown()
-        return results
+            await bench.measure(workload, _warm_up_size(n))
+            samples = [await bench.measure(workload, n) for _ in range(reps)]
+            results[workload] = {**samples[-1], "per_s": [s["per_s"] for s in samples],
+                                 "per_cpu_s": [s["per_cpu_s"] for s in samples]}
+        return {**results, **bench.info()}
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        await bench.close()
+
+
+def _warm_up_size(n: int) -> int:
+    return max(100, n // 5)
+
+
+async def _serve(variant: str, processor: str, exporter_mode: str, window: int) -> None:
+    """The child's loop: one JSON request per stdin line (``{"workload": w, "n": n}``), one
+    JSON answer per stdout line; at end of input, the variant's :meth:`_Bench.info`."""
+    bench = _Bench(variant, processor, exporter_mode, window)
+    await bench.broker.startup()
+    try:
+        print(json.dumps({"ready": variant}), flush=True)
+        # A blocking read: nothing of the variant runs between two measurements.
+        for line in sys.stdin:
+            request = json.loads(line)
+            print(json.dumps(await bench.measure(request["workload"], request["n"])),
+                  flush=True)
+        print(json.dumps(bench.info()), flush=True)
+    finally:
+        await bench.close()
 
 
 # --------------------------------------------------------------------------- parent
+class _Child:
+    """A variant's :func:`_serve` process, up for the whole run, asked for one sample at a time."""
+
+    def __init__(self, variant: str, processor: str, exporter: str) -> None:
+        self.variant = variant
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+        self.proc = python_child(
+            ["-m", "benchmarks.overhead", "--serve", variant, "--processor", processor,
+             "--exporter", exporter], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.stderr)
+
+    def _answer(self, timeout: float) -> Any:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        readable, _, _ = select.select([stdout], [], [], timeout)
+        line = stdout.readline() if readable else b""
+        if not line:
+            self.stderr.seek(0)
+            tail = self.stderr.read().decode(errors="replace")[-4000:]
+            raise RuntimeError(f"overhead child {self.variant}: no answer within {timeout} s "
+                               f"(exit code {self.proc.poll()}):\n{tail}")
+        return json.loads(line)
+
+    def ready(self) -> None:
+        self._answer(120)
+
+    def measure(self, workload: str, n: int) -> dict[str, Any]:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        stdin.write(json.dumps({"workload": workload, "n": n}).encode() + b"\n")
+        stdin.flush()
+        return cast(dict[str, Any], self._answer(600))
+
+    def finish(self) -> dict[str, Any]:
+        """End of input: the child answers with its :meth:`_Bench.info` and exits."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        info = cast(dict[str, Any], self._answer(60))
+        self.proc.wait(60)
+        return info
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.stderr.close()
+
+
+def _paired(numerators: list[float], denominators: list[float]) -> float:
+    """The median of sample-by-sample ratios: samples of one slot ran a few seconds apart."""
+    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
+
+
 def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
-        processor: str = "batch", rounds: int | None = None,
+        processor: str = "batch", samples: int | None = None,
         exporter: str = "keep", workloads: tuple[str, ...] = WORKLOADS) -> dict[str, Any]:
-    reps = 1 if quick else 3
-    rounds = rounds or ROUNDS
+    samples = samples or (QUICK_SAMPLES if quick else SAMPLES)
     sizes = QUICK_SIZES if quick else SIZES
     metrics = ("per_s", "per_cpu_s")
     runs = {v: [w for w in workloads if w not in NOT_RUN.get(v, ())] for v in variants}
-    samples: dict[str, dict[str, dict[str, list[float]]]] = {
+    rates: dict[str, dict[str, dict[str, list[float]]]] = {
         m: {v: {w: [] for w in runs[v]} for v in variants} for m in metrics}
     info: dict[str, dict[str, Any]] = {v: {} for v in variants}
-    for round_index in range(rounds):
-        for variant in variants:
-            print(f"  overhead round {round_index + 1}/{rounds}: {variant}", flush=True)
-            result = run_json_child(
-                ["-m", "benchmarks.overhead", "--child", variant, "--processor", processor,
-                 "--exporter", exporter, "--workloads", ",".join(runs[variant]),
-                 "--sizes", json.dumps(sizes), "--reps", str(reps)], timeout=600)
+    children = {v: _Child(v, processor, exporter) for v in variants}
+    try:
+        for child in children.values():
+            child.ready()
+        for variant, child in children.items():
             for workload in runs[variant]:
-                for metric in metrics:
-                    samples[metric][variant][workload].extend(result[workload][metric])
-                info[variant][workload] = {
-                    "spans_per_item": result[workload]["spans_per_item"],
-                    "hook_events_per_item": result[workload]["hook_events_per_item"],
-                }
-            for key in ("dropped", "flowtrace"):
-                if key in result:
-                    info[variant][key] = result[key]
-            if "hook_dropped" in result:  # events the hook lost to its backlog, every run
-                info[variant]["hook_dropped"] = (info[variant].get("hook_dropped", 0)
-                                                 + result["hook_dropped"])
-    medians = {m: {v: {w: median(samples[m][v][w]) for w in runs[v]} for v in variants}
-               for m in metrics}
-    ratios: dict[str, Any] = {}
-    if "bare" in variants and "noop" in workloads:  # each variant's noop rate over bare's
-        bare = medians["per_s"]["bare"]["noop"]
-        ratios["noop_vs_bare"] = {v: medians["per_s"][v]["noop"] / bare
-                                  for v in variants}
-    if {"bare", "otel_prom", "flowtrace"} <= set(variants) and "noop" in workloads:
-        for metric in metrics:
-            med = medians[metric]
-            ratios[metric] = {w: {
-                "flowtrace_vs_bare": med["flowtrace"][w] / med["bare"][w],
-                "flowtrace_vs_otel_prom": med["flowtrace"][w] / med["otel_prom"][w],
-                "otel_prom_vs_bare": med["otel_prom"][w] / med["bare"][w],
-            } for w in workloads}
+                child.measure(workload, _warm_up_size(sizes[workload]))
+        for workload in workloads:
+            takers = [v for v in variants if workload in runs[v]]
+            for slot in range(samples):
+                print(f"  overhead {workload} {slot + 1}/{samples}", file=sys.stderr)
+                shift = slot % len(takers)  # each variant in each position as often
+                for variant in takers[shift:] + takers[:shift]:
+                    result = children[variant].measure(workload, sizes[workload])
+                    for metric in metrics:
+                        rates[metric][variant][workload].append(result[metric])
+                    info[variant][workload] = {key: result[key] for key in
+                                               ("spans_per_item", "hook_events_per_item")}
+        for variant, child in children.items():
+            info[variant].update(child.finish())
+    finally:
+        for child in children.values():
+            child.stop()
+    baselines = [b for b in ("bare", "otel_prom", FLOOR) if b in variants]
+    ratios = {m: {w: {v: {b: _paired(rates[m][v][w], rates[m][b][w]) for b in baselines
+                          if w in runs[b]}
+                      for v in variants if w in runs[v]}
+                  for w in workloads}
+              for m in metrics}
     targets = {}
-    if "per_s" in ratios:
-        noop = ratios["per_s"]["noop"]
+    if {"bare", "otel_prom", "flowtrace"} <= set(variants) and "noop" in workloads:
+        noop = ratios["per_s"]["noop"]["flowtrace"]
         targets = {
-            "overhead: noop flowtrace >= 2.0x otel_prom": noop["flowtrace_vs_otel_prom"] >= 2.0,
-            "overhead: noop flowtrace >= 0.5x bare": noop["flowtrace_vs_bare"] >= 0.5,
+            "overhead: noop flowtrace >= 2.0x otel_prom": noop["otel_prom"] >= 2.0,
+            "overhead: noop flowtrace >= 0.5x bare": noop["bare"] >= 0.5,
         }
     return {
         "processor": processor,
         "exporter": exporter,
         "window": WINDOW,
         "sizes": sizes,
-        "rounds": rounds,
-        "reps_per_round": reps,
-        "median": medians,
-        "samples": samples,
+        "samples_per_cell": samples,
+        "median": {m: {v: {w: median(rates[m][v][w]) for w in runs[v]} for v in variants}
+                   for m in metrics},
+        "samples": rates,
         "ratios": ratios,
         "info": info,
         "targets": targets,
@@ -405,7 +500,11 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--child", choices=[*VARIANTS, *ABLATION_VARIANTS])
+    children = parser.add_mutually_exclusive_group()
+    children.add_argument("--serve", choices=[*VARIANTS, *ABLATION_VARIANTS],
+                          help="be the child measuring this variant (the parent's)")
+    children.add_argument("--child", choices=[*VARIANTS, *ABLATION_VARIANTS],
+                          help="measure this variant's workloads in one go (--reps each)")
     parser.add_argument("--processor", choices=["batch", "simple"], default="batch")
     parser.add_argument("--exporter", choices=["keep", "discard"], default="keep",
                         help="the in-memory exporter keeps every span, or drops each batch "
@@ -417,18 +516,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"also: {','.join(ABLATION_VARIANTS)}")
-    parser.add_argument("--rounds", type=int, help=f"rounds of every variant (default {ROUNDS})")
+    parser.add_argument("--samples", type=int,
+                        help=f"samples per variant and workload (default {SAMPLES})")
     args = parser.parse_args(argv)
-    if args.child:
+    if args.serve or args.child:
         os.environ.setdefault("OTEL_SDK_DISABLED", "false")
-        result = asyncio.run(_child(args.child, args.processor, args.workloads.split(","),
-                                    json.loads(args.sizes), args.reps, args.window,
-                                    args.exporter))
+    if args.serve:
+        asyncio.run(_serve(args.serve, args.processor, args.exporter, args.window))
+        return 0
+    if args.child:
+        result = asyncio.run(_once(args.child, args.processor, args.workloads.split(","),
+                                   json.loads(args.sizes), args.reps, args.window,
+                                   args.exporter))
         print(json.dumps(result))
         return 0
     variants = tuple(args.variants.split(","))
     workloads = tuple(args.workloads.split(","))
-    print(json.dumps(run(args.quick, variants, args.processor, args.rounds, args.exporter,
+    print(json.dumps(run(args.quick, variants, args.processor, args.samples, args.exporter,
                          workloads), indent=2))
     return 0
 

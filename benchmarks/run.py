@@ -31,17 +31,17 @@ def _missing() -> list[str]:
 
 def _overhead_table(o: dict[str, Any]) -> str:
     med, cpu = o["median"]["per_s"], o["median"]["per_cpu_s"]
+    paired, paired_cpu = o["ratios"]["per_s"], o["ratios"]["per_cpu_s"]
     rows = []
     for workload, unit in (("noop", "tasks/s"), ("work_1ms", "tasks/s"),
                            ("pipeline3", "pipelines/s"), ("noop_otlp", "tasks/s")):
         for variant in med:
             if workload not in med[variant]:
                 continue  # a workload the variant does not run (overhead.NOT_RUN)
+            ratio, ratio_cpu = paired[workload][variant], paired_cpu[workload][variant]
             rows.append([workload, variant, f"{med[variant][workload]:,.0f} {unit}",
-                         f"{cpu[variant][workload]:,.0f}",
-                         f"{med[variant][workload] / med['bare'][workload]:.2f}x",
-                         f"{med[variant][workload] / med['otel_prom'][workload]:.2f}x",
-                         f"{cpu[variant][workload] / cpu['otel_prom'][workload]:.2f}x"])
+                         f"{cpu[variant][workload]:,.0f}", f"{ratio['bare']:.2f}x",
+                         f"{ratio['otel_prom']:.2f}x", f"{ratio_cpu['otel_prom']:.2f}x"])
     return table(rows, ["workload", "variant", "median (wall)", "per CPU-second", "vs bare",
                         "vs otel+prom", "vs otel+prom (CPU)"])
 
@@ -65,33 +65,34 @@ def _summary_table(results: dict[str, Any]) -> str:
     rows: list[list[Any]] = []
     o = results.get("overhead")
     if o:
-        med, cpu = o["median"]["per_s"], o["median"]["per_cpu_s"]
+        noop, noop_cpu = o["ratios"]["per_s"]["noop"], o["ratios"]["per_cpu_s"]["noop"]
+        flowtrace = noop["flowtrace"]
         rows.append(["overhead: noop, flowtrace vs otel+prom", "≥ 2.0x",
-                     f"{med['flowtrace']['noop'] / med['otel_prom']['noop']:.2f}x "
-                     f"(CPU {cpu['flowtrace']['noop'] / cpu['otel_prom']['noop']:.2f}x)",
+                     f"{flowtrace['otel_prom']:.2f}x "
+                     f"(CPU {noop_cpu['flowtrace']['otel_prom']:.2f}x)",
                      _met(o["targets"], "2.0x")])
         rows.append(["overhead: noop, flowtrace vs bare", "≥ 0.5x",
-                     f"{med['flowtrace']['noop'] / med['bare']['noop']:.2f}x "
-                     f"(CPU {cpu['flowtrace']['noop'] / cpu['bare']['noop']:.2f}x)",
+                     f"{flowtrace['bare']:.2f}x (CPU {noop_cpu['flowtrace']['bare']:.2f}x)",
                      _met(o["targets"], "0.5x")])
-        if "flowtrace_no_hook" in med:
+        if "flowtrace_no_hook" in noop:
+            no_hook = noop["flowtrace_no_hook"]
             rows.append(["overhead: noop, flowtrace without a hook vs otel+prom / bare", "-",
-                         f"{med['flowtrace_no_hook']['noop'] / med['otel_prom']['noop']:.2f}x"
-                         f" / {med['flowtrace_no_hook']['noop'] / med['bare']['noop']:.2f}x", "-"])
-        if "floor" in med:
+                         f"{no_hook['otel_prom']:.2f}x / {no_hook['bare']:.2f}x", "-"])
+        if "floor" in noop:
             rows.append(["overhead: noop, the contract's work written flat "
                          "(benchmarks/floor.py) vs bare", "-",
-                         f"{med['floor']['noop'] / med['bare']['noop']:.2f}x (flowtrace "
-                         f"{med['flowtrace']['noop'] / med['floor']['noop']:.2f}x of it)", "-"])
+                         f"{noop['floor']['bare']:.2f}x (flowtrace "
+                         f"{flowtrace['floor']:.2f}x of it)", "-"])
         lost = [o["info"].get(v, {}).get("hook_dropped") for v in ("flowtrace",
                                                                       "flowtrace_sync_hook")]
         if None not in lost:
             rows.append(["overhead: hook events lost, async hook / sync hook", "0",
                          f"{lost[0]:,} / {lost[1]:,}", "yes" if not any(lost) else "NO"])
-        if "noop_otlp" in med["flowtrace"]:
+        otlp = o["ratios"]["per_s"].get("noop_otlp", {}).get("flowtrace")
+        if otlp:
             rows.append(["overhead: noop, spans encoded to OTLP, flowtrace vs otel+prom", "-",
-                         f"{med['flowtrace']['noop_otlp'] / med['otel_prom']['noop_otlp']:.2f}x"
-                         f" ({med['flowtrace']['noop_otlp']:,.0f} tasks/s)", "-"])
+                         f"{otlp['otel_prom']:.2f}x "
+                         f"({o['median']['per_s']['flowtrace']['noop_otlp']:,.0f} tasks/s)", "-"])
     i = results.get("instructions")
     if i and "ratios" in i:
         per_task = i["instructions_per_task"]
@@ -200,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmachine: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}, "
           f"load average {m.get('loadavg_at_start')} -> {m.get('loadavg_at_end')}")
     if "overhead" in results:
-        print("\nWorker overhead (InMemoryBroker, median of "
-              f"{results['overhead']['rounds'] * results['overhead']['reps_per_round']} runs)")
+        print("\nWorker overhead (InMemoryBroker, medians of "
+              f"{results['overhead']['samples_per_cell']} samples; ratios: medians of "
+              "sample-by-sample ratios)")
         print(_overhead_table(results["overhead"]))
     if "fanout" in results:
         s = results["fanout"]["summary"]
