@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.common import python_child, stop_process
-from benchmarks.overhead import ABLATION_VARIANTS, FLOOR
+from benchmarks.overhead import ABLATION_VARIANTS, FLOOR, warm_up_size
 
 VARIANTS = ("bare", "otel_prom", "flowtrace")
 ABLATION = ("flowtrace_no_hook", *ABLATION_VARIANTS, FLOOR)
@@ -35,8 +35,8 @@ _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
 def _tasks(n: int) -> int:
-    """Tasks one child runs for ``n``: a warm-up of ``max(100, n // 5)`` plus ``n``."""
-    return n + max(100, n // 5)
+    """Tasks one child runs for ``n``: its warm-up plus ``n``."""
+    return n + warm_up_size(n)
 
 
 def _instructions(variant: str, n: int, workload: str = "noop") -> int:

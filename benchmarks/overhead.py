@@ -81,11 +81,15 @@ NOT_RUN = {FLOOR: {"pipeline3"}}
 SIZES = {"noop": 4000, "work_1ms": 500, "pipeline3": 500, "noop_otlp": 2000}
 QUICK_SIZES = {"noop": 2000, "work_1ms": 300, "pipeline3": 300, "noop_otlp": 1000}
 SAMPLES = 9
-QUICK_SAMPLES = 3
 """Samples per variant and workload (slots: each slot measures every variant once)."""
+QUICK_SAMPLES = 3
 WINDOW = 100
 """Messages in flight at most: taskiq's worker default ``--max-async-tasks``."""
 
+
+def warm_up_size(n: int) -> int:
+    """Tasks of the warm-up run before a workload of ``n`` is measured."""
+    return max(100, n // 5)
 
 # --------------------------------------------------------------------------- child
 class _Counter:
@@ -340,7 +344,11 @@ class _Bench:
             info["hook_dropped"] = middleware.hooks.dropped
         return info
 
-    async def close(self) -> None:
+    async def __aenter__(self) -> _Bench:
+        await self.broker.startup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         await self.broker.shutdown()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
@@ -349,31 +357,21 @@ async def _once(variant: str, processor: str, workloads: list[str], sizes: dict[
                 reps: int, window: int, exporter_mode: str) -> dict[str, Any]:
     """Every workload measured ``reps`` times after a warm-up, in one go
     (``benchmarks.instructions`` counts such a child's instructions under valgrind)."""
-    bench = _Bench(variant, processor, exporter_mode, window)
-    await bench.broker.startup()
-    try:
-        results: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    async with _Bench(variant, processor, exporter_mode, window) as bench:
         for workload in workloads:
             n = sizes[workload]
-            await bench.measure(workload, _warm_up_size(n))
+            await bench.measure(workload, warm_up_size(n))
             samples = [await bench.measure(workload, n) for _ in range(reps)]
             results[workload] = {**samples[-1], "per_s": [s["per_s"] for s in samples],
                                  "per_cpu_s": [s["per_cpu_s"] for s in samples]}
         return {**results, **bench.info()}
-    finally:
-        await bench.close()
-
-
-def _warm_up_size(n: int) -> int:
-    return max(100, n // 5)
 
 
 async def _serve(variant: str, processor: str, exporter_mode: str, window: int) -> None:
     """The child's loop: one JSON request per stdin line (``{"workload": w, "n": n}``), one
     JSON answer per stdout line; at end of input, the variant's :meth:`_Bench.info`."""
-    bench = _Bench(variant, processor, exporter_mode, window)
-    await bench.broker.startup()
-    try:
+    async with _Bench(variant, processor, exporter_mode, window) as bench:
         print(json.dumps({"ready": variant}), flush=True)
         # A blocking read: nothing of the variant runs between two measurements.
         for line in sys.stdin:
@@ -381,8 +379,6 @@ async def _serve(variant: str, processor: str, exporter_mode: str, window: int) 
             print(json.dumps(await bench.measure(request["workload"], request["n"])),
                   flush=True)
         print(json.dumps(bench.info()), flush=True)
-    finally:
-        await bench.close()
 
 
 # --------------------------------------------------------------------------- parent
@@ -453,7 +449,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
             child.ready()
         for variant, child in children.items():
             for workload in runs[variant]:
-                child.measure(workload, _warm_up_size(sizes[workload]))
+                child.measure(workload, warm_up_size(sizes[workload]))
         for workload in workloads:
             takers = [v for v in variants if workload in runs[v]]
             for slot in range(samples):
