@@ -30,7 +30,7 @@ from flowtrace.events import (
     StepErrorEvent,
     StepProgressEvent,
     StepStartEvent,
-    event_of,
+    trusted_event,
 )
 
 logger = logging.getLogger("flowtrace.hooks")
@@ -181,7 +181,8 @@ class _Subscription:
             calls = cache.get(kind) or self._methods(kind)
             if not calls:  # nothing to call: no model is built
                 continue
-            event = event_of(item) if isinstance(item, dict) else item
+            # event_of(item), with the class looked up once
+            event = trusted_event(kind, item) if isinstance(item, dict) else item
             for name, method, is_async in calls:
                 if not is_async:
                     sync_calls.append((name, method, event))

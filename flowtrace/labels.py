@@ -23,6 +23,9 @@ NAME_LABEL = "flowtrace_pipeline_name"
 
 _IDS = 65
 """Length of a run label's fixed head: sampled flag, trace, root span and parent span ids."""
+_NO_PARENT = "0" * 16
+_SPAN_ID_BITS = 64
+_SPAN_ID_MASK = (1 << _SPAN_ID_BITS) - 1
 
 
 @dataclass(slots=True, eq=True)
@@ -49,9 +52,12 @@ class RunContext:
         """
         if self._label is None:
             # %-format: f-string format specs look up a bound __format__ per field.
-            self._label = "%d%032x%016x%016x%d:%s:%d:%s%s" % (  # noqa: UP031
-                self.sampled, self.trace_id, self.root_span_id, self.parent_span_id,
-                self.started_ns, self.type, len(self.pipeline_id), self.pipeline_id, self.name,
+            # The trace and root span ids side by side are one 48-digit number: one
+            # conversion here, one parse in decode().
+            self._label = "%d%048x%016x%d:%s:%d:%s%s" % (  # noqa: UP031
+                self.sampled, self.trace_id << _SPAN_ID_BITS | self.root_span_id,
+                self.parent_span_id, self.started_ns, self.type, len(self.pipeline_id),
+                self.pipeline_id, self.name,
             )
         return self._label
 
@@ -71,8 +77,11 @@ class RunContext:
             flag = label[0]
             if flag not in "01" or not 0 <= length <= len(rest):
                 return None
-            run = cls(rest[:length], rest[length:], kind, int(started), int(label[1:33], 16),
-                      int(label[33:49], 16), int(label[49:_IDS], 16), flag == "1")
+            ids = int(label[1:49], 16)
+            parent = label[49:_IDS]
+            run = cls(rest[:length], rest[length:], kind, int(started), ids >> _SPAN_ID_BITS,
+                      ids & _SPAN_ID_MASK, 0 if parent == _NO_PARENT else int(parent, 16),
+                      flag == "1")
         except (TypeError, ValueError, IndexError):
             return None
         run._label = label  # the next hop carries the same text on

@@ -62,6 +62,7 @@ class InMemoryTransport(Transport):
         if maxlen < 1 or subscriber_queue_size < 1:
             raise ValueError("maxlen and subscriber_queue_size must be positive")
         self.epoch = new_epoch()
+        self._id_prefix = f"{self.epoch}-"
         self._seq = 0
         # Each event's field dict (its ``__dict__``), not the model: a dict of plain values
         # is not tracked by the garbage collector, which would otherwise walk 10 000 models
@@ -80,16 +81,16 @@ class InMemoryTransport(Transport):
         The id is set on the object itself, not a copy: the hooks of the emitting process
         hold the same object and see the id too, and no copy is made per event.
         """
-        self._publish(event.__dict__, event)  # type: ignore[arg-type]
+        self.publish_fields_nowait(event.__dict__, event)  # type: ignore[arg-type]
 
-    def publish_fields_nowait(self, fields: EventFields) -> None:
-        """:meth:`publish_nowait` of an event's fields: a model of them is built only when
-        someone subscribes (one, for every subscriber); the ring keeps the dict itself."""
-        self._publish(fields, None)
+    def publish_fields_nowait(self, fields: EventFields, event: Event | None = None) -> None:
+        """:meth:`publish_nowait` of an event's fields (``event``: their model, if built).
 
-    def _publish(self, fields: EventFields, event: Event | None) -> None:
+        A model of them is built only when someone subscribes (one, for every subscriber);
+        the ring keeps the dict itself.
+        """
         seq = self._seq = self._seq + 1
-        fields["id"] = f"{self.epoch}-{seq}"  # no pydantic __setattr__: hot path
+        fields["id"] = self._id_prefix + str(seq)  # a dict, not pydantic's __setattr__: hot path
         self._ring.append(fields)
         fanout = self._fanout
         if fanout is None:
