@@ -476,7 +476,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     def _begin(self, message: TaskiqMessage) -> None:
         """The message's :class:`Execution`, span context and start events."""
-        (timestamp, now_wall), now_perf = _clock(), _perf_ns()
+        timestamp, now_wall, now_perf = _now(_UTC), _time_ns(), _perf_ns()
         labels = message.labels
         if CURRENT_STEP in labels or STEP_LABEL in labels:  # a pipeline's hop
             index = current_step(labels) if CURRENT_STEP in labels else None
@@ -592,7 +592,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         attempt that reaches it.
         """
         run = execution.run
-        if self._retryable(execution.message):
+        if self._retry_middleware is not None and self._retryable(execution.message):
             return self._step_span(run, execution.step_name, execution.step_index,
                                    execution.attempt, execution.task_id, now, new_span_id())
         execution.span_ends_run = True
@@ -691,11 +691,19 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     def post_execute(self, message: TaskiqMessage,
                      result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
+        """The task returned (its result is stored next, then ``post_save``) or raised."""
         try:
             execution = current_execution.get()
             if execution is None or execution.task_id != message.task_id:
                 return None
-            outcome = self._executed(execution, result)
+            execution.duration_ms = (_perf_ns() - execution.started_perf_ns) / 1e6
+            if not result.is_err:
+                execution.phase = HANDOFF
+                execution.result_preview = result.return_value
+                if execution.role is ITEM:
+                    self._finish_item(execution, failed=False)
+                return None
+            outcome = self._raised(execution, result)
             if outcome is None and isinstance(result.error, NoResultError):
                 self._leave(execution)  # taskiq stores nothing: no post_save follows
             return outcome
@@ -703,16 +711,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             logger.exception(_HOOK_FAILED, "post_execute")
         return None
 
-    def _executed(self, execution: Execution,
-                  result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
-        """The task returned or raised: record it, report a failure."""
-        execution.duration_ms = (_perf_ns() - execution.started_perf_ns) / 1e6
-        if not result.is_err:
-            execution.phase = HANDOFF
-            execution.result_preview = result.return_value
-            if execution.role is ITEM:
-                self._finish_item(execution, failed=False)
-            return None
+    def _raised(self, execution: Execution, result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
+        """The task raised (or chose to store no result): report a failure."""
         if execution.role is ITEM:
             self._finish_item(execution, failed=True)
             return None
@@ -754,7 +754,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
         A run that ends here ends at the moment its last step does: one clock reading.
         """
-        timestamp, now = _clock()
+        timestamp, now = _now(_UTC), _time_ns()
         self._report_success(execution, timestamp, now)
         if execution.is_last_step:
             self._end_run_completed(execution, timestamp, now)
