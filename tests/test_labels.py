@@ -35,3 +35,13 @@ def test_a_label_from_another_writer_is_no_run() -> None:
     for bad in ("", good[:64], "2" + good[1:], good.replace(":2:id", ":99:id"),
                 '["id","etl","task",1]', good[:10] + "zz" + good[12:]):
         assert RunContext.decode(bad) is None, bad
+
+
+@given(trace_id=ids, root=span_ids, parent=span_ids, sampled=st.booleans())
+def test_label_text_is_what_earlier_versions_wrote(trace_id: int, root: int, parent: int,
+                                                   sampled: bool) -> None:
+    """Workers of different flowtrace versions read each other's labels during a rollout."""
+    earlier = f"{int(sampled)}{trace_id:032x}{root:016x}{parent:016x}7:task:2:idnoop"
+    run = RunContext("id", "noop", "task", 7, trace_id, root, parent, sampled)
+    assert run.encode() == earlier
+    assert RunContext.decode(earlier) == run
