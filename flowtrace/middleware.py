@@ -476,7 +476,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     def _begin(self, message: TaskiqMessage) -> None:
         """The message's :class:`Execution`, span context and start events."""
-        timestamp, now_wall, now_perf = _now(_UTC), _time_ns(), _perf_ns()
+        (timestamp, now_wall), now_perf = _clock(), _perf_ns()
         labels = message.labels
         if CURRENT_STEP in labels or STEP_LABEL in labels:  # a pipeline's hop
             index = current_step(labels) if CURRENT_STEP in labels else None
@@ -592,7 +592,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         attempt that reaches it.
         """
         run = execution.run
-        if self._retry_middleware is not None and self._retryable(execution.message):
+        if self._retryable(execution.message):
             return self._step_span(run, execution.step_name, execution.step_index,
                                    execution.attempt, execution.task_id, now, new_span_id())
         execution.span_ends_run = True
@@ -754,7 +754,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
         A run that ends here ends at the moment its last step does: one clock reading.
         """
-        timestamp, now = _now(_UTC), _time_ns()
+        timestamp, now = _clock()
         self._report_success(execution, timestamp, now)
         if execution.is_last_step:
             self._end_run_completed(execution, timestamp, now)
