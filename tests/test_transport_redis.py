@@ -289,6 +289,55 @@ async def test_stream_item_counts(redis_server: RedisServer, no_task_leaks: None
     await transport.close()
 
 
+async def _batches_sent(raw: Redis) -> int:
+    """MULTI/EXEC transactions the server ran since its stats were reset: one per batch."""
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_exec", {}).get("calls", 0))
+
+
+async def test_stream_events_trickling_in_share_a_batch(redis_server: RedisServer,
+                                                        no_task_leaks: None) -> None:
+    """A busy worker emits an event every few hundred µs: each must not cost a round trip."""
+    transport = RedisStreamTransport(redis_server.url, linger_ms=500)
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.config_resetstat()
+        for n in range(40):
+            await transport.publish(step(n))
+            await asyncio.sleep(0.001)  # one event per loop turn, as tasks finish
+        assert await transport.flush(timeout=10)
+        assert await raw.xlen("flowtrace:events") == 40
+        assert await _batches_sent(raw) <= 5  # one per event (40) without a linger
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(40))
+    await transport.close()
+
+
+async def test_stream_flush_does_not_wait_for_the_linger(redis_server: RedisServer,
+                                                         no_task_leaks: None) -> None:
+    """A pipeline hop flushes before kicking its next step: a linger must not delay it."""
+    transport = RedisStreamTransport(redis_server.url, linger_ms=600_000)
+    await transport.publish(step(1))
+    await asyncio.sleep(0)  # the sender starts lingering
+    assert await transport.flush(timeout=30)  # False (timed out) if it waited ten minutes
+    async with Redis.from_url(redis_server.url) as raw:
+        assert await raw.xlen("flowtrace:events") == 1
+    await transport.close()
+
+
+async def test_stream_unflushed_events_leave_after_the_linger(redis_server: RedisServer,
+                                                              no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, linger_ms=50)
+    await transport.publish(step(1))
+    async with Redis.from_url(redis_server.url) as raw:
+        await async_wait_until(lambda: raw.xlen("flowtrace:events"), timeout=10,
+                               message="the event to reach Redis without a flush")
+    await transport.close()
+
+
+def test_stream_rejects_a_negative_linger() -> None:
+    with pytest.raises(ValueError, match="linger"):
+        RedisStreamTransport("redis://127.0.0.1:1/0", linger_ms=-1)
+
+
 async def test_stream_close_is_clean_and_ends_subscribers(redis_server: RedisServer,
                                                           no_task_leaks: None) -> None:
     transport = RedisStreamTransport(redis_server.url, block_ms=200)

@@ -27,14 +27,18 @@ _CLOSE_WAIT_S = 2.0
 
 
 class RedisPubSubTransport(SenderBackedTransport):
-    """Events on one Redis pub/sub channel. The caller owns ``redis_client`` (not closed here)."""
+    """Events on one Redis pub/sub channel. The caller owns ``redis_client`` (not closed here).
+
+    ``linger_ms`` as on :class:`~flowtrace.transport.redis_stream.RedisStreamTransport`.
+    """
 
     def __init__(self, redis_client: Redis, channel: str = "flowtrace:events", *,
-                 buffer_size: int = 10_000, batch_size: int = 500) -> None:
+                 buffer_size: int = 10_000, batch_size: int = 500,
+                 linger_ms: float = _sender.LINGER_MS) -> None:
         super().__init__()
         self.channel = channel
         self._start_sender(redis_client, f"flowtrace publisher ({channel})", buffer_size,
-                           batch_size)
+                           batch_size, linger_ms)
         self._seq = 0
         self._closed = False
 

@@ -53,12 +53,14 @@ class RedisStreamTransport(SenderBackedTransport):
 
     ``approximate=False`` trims exactly to ``maxlen`` (slower on the server; tests
     use it to make trimming deterministic). ``block_ms`` is how long one XREAD
-    waits; subscribers use a socket timeout above it.
+    waits; subscribers use a socket timeout above it. ``linger_ms`` is how long a batch
+    of published events may wait to fill before it is sent (``flush`` never waits for it).
     """
 
     def __init__(self, url: str, stream: str = "flowtrace:events", maxlen: int = 100_000, *,
                  buffer_size: int = 10_000, batch_size: int = 500, block_ms: int = 1000,
-                 socket_timeout: float = 5.0, approximate: bool = True) -> None:
+                 socket_timeout: float = 5.0, approximate: bool = True,
+                 linger_ms: float = _sender.LINGER_MS) -> None:
         super().__init__()
         if maxlen < 1 or block_ms < 1:
             raise ValueError("maxlen and block_ms must be positive")
@@ -71,7 +73,7 @@ class RedisStreamTransport(SenderBackedTransport):
         self._trim: tuple[str | int, ...] = (
             ("MAXLEN", "~", maxlen) if approximate else ("MAXLEN", maxlen))
         self._start_sender(make_client(url, socket_timeout), f"flowtrace publisher ({stream})",
-                           buffer_size, batch_size)
+                           buffer_size, batch_size, linger_ms)
         self._closed = False
 
     # -- publishing -------------------------------------------------------------
