@@ -70,14 +70,16 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def python_child(args: Sequence[str], wrapper: Sequence[str] = (),
+                 env_extra: dict[str, str] | None = None,
                  **popen: Any) -> subprocess.Popen[bytes]:
     """``python -m ...`` in a new process group (stopped with :func:`stop_process`).
 
-    ``wrapper`` goes before the interpreter (``valgrind ...``, say).
+    ``wrapper`` goes before the interpreter (``valgrind ...``, say); ``env_extra`` is
+    added to :func:`child_env`.
     """
     _CHILD_CWD.mkdir(exist_ok=True)
-    return subprocess.Popen([*wrapper, sys.executable, *args], env=child_env(), cwd=_CHILD_CWD,
-                            start_new_session=True, **popen)
+    return subprocess.Popen([*wrapper, sys.executable, *args], env=child_env(**(env_extra or {})),
+                            cwd=_CHILD_CWD, start_new_session=True, **popen)
 
 
 def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:

@@ -158,7 +158,7 @@ def _exporter(keep: bool) -> Any:
     return Exporter()
 
 
-def _provider(processor: str, exporter_mode: str) -> tuple[Any, Any]:
+def span_provider(processor: str, exporter_mode: str) -> tuple[Any, Any]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
@@ -181,7 +181,7 @@ def _build(variant: str, processor: str, metrics_dir: str,
     if variant == "bare":
         broker.add_middlewares(PipelineMiddleware())
         return broker, None, None, None, None
-    provider, exporter = _provider(processor, exporter_mode)
+    provider, exporter = span_provider(processor, exporter_mode)
     if variant == "otel_prom":
         # PrometheusMiddleware only starts its HTTP server in a worker process
         # (``broker.is_worker_process``), which an InMemoryBroker is not; a free port

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark, a table, and ``benchmarks/results.json``.
 
-    python -m benchmarks.run [--quick] [--only overhead,instructions,fanout,fleet,memory]
+    python -m benchmarks.run [--quick] [--only overhead,instructions,broker,fanout,fleet,memory]
                              [--output PATH]
 
 Each benchmark measures its baselines in the same run (bare taskiq, taskiq's own
@@ -19,7 +19,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS_PATH, flowtrace_location, machine, table, write_json
 
-BENCHMARKS = ("overhead", "instructions", "fanout", "fleet", "memory")
+BENCHMARKS = ("overhead", "instructions", "broker", "fanout", "fleet", "memory")
 NEEDS = {"psutil": "taskiq's OpenTelemetryMiddleware (taskiq[opentelemetry])",
          "websockets": "the WebSocket clients", "prometheus_client": "PrometheusMiddleware"}
 
@@ -44,6 +44,16 @@ def _overhead_table(o: dict[str, Any]) -> str:
                          f"{ratio['otel_prom']:.2f}x", f"{ratio_cpu['otel_prom']:.2f}x"])
     return table(rows, ["workload", "variant", "median (wall)", "per CPU-second", "vs bare",
                         "vs otel+prom", "vs otel+prom (CPU)"])
+
+
+def _broker_table(b: dict[str, Any]) -> str:
+    med, cpu = b["median"]["per_s"], b["median"]["per_cpu_s"]
+    paired = b["ratios"]["per_s"]
+    rows = [[variant, f"{med[variant]:,.0f} tasks/s", f"{cpu[variant]:,.0f}",
+             f"{paired[variant]['bare']:.2f}x", f"{paired[variant]['otel_prom']:.2f}x"]
+            for variant in med]
+    return table(rows, ["variant", "median (wall)", "per worker CPU-second", "vs bare",
+                        "vs otel+prom"])
 
 
 def _fanout_table(f: dict[str, Any]) -> str:
@@ -115,6 +125,12 @@ def _summary_table(results: dict[str, Any]) -> str:
             rows.append([f"instructions per no-op task: {part}", "-", f"{count:,.0f}", "-"])
     elif i:
         rows.append(["instructions per no-op task (valgrind)", "-", i["skipped"], "-"])
+    b = results.get("broker")
+    if b:
+        flowtrace = b["ratios"]["per_s"]["flowtrace"]
+        rows.append(["overhead on Redis: noop, flowtrace vs otel+prom / bare", "-",
+                     f"{flowtrace['otel_prom']:.2f}x / {flowtrace['bare']:.2f}x "
+                     f"({b['median']['per_s']['flowtrace']:,.0f} tasks/s)", "-"])
     f = results.get("fanout")
     if f:
         s = f["summary"]
@@ -205,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{results['overhead']['samples_per_cell']} samples; ratios: medians of "
               "sample-by-sample ratios)")
         print(_overhead_table(results["overhead"]))
+    if "broker" in results:
+        print(f"\nWorker overhead on Redis (a taskiq worker process, RedisStreamBroker, "
+              f"{results['broker']['size']:,} no-op tasks per sample, medians of "
+              f"{results['broker']['samples_per_cell']} samples)")
+        print(_broker_table(results["broker"]))
     if "fanout" in results:
         s = results["fanout"]["summary"]
         print(f"\nWebSocket fan-out ({s['clients']} clients, {s['event_bytes']} B events, "
