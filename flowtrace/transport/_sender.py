@@ -140,11 +140,12 @@ class BatchSender:
 
     Each operation gets a sequence number; :meth:`flush` waits until no
     operation numbered at or below the last one submitted before it is still
-    pending (sent or dropped). Use from one event loop thread.
+    pending (sent or dropped). ``linger``: seconds a batch may wait to fill (see the
+    module doc). Use from one event loop thread.
     """
 
     def __init__(self, client: Redis, *, what: str, buffer_size: int, batch_size: int,
-                 count_drop: Callable[[str, int], None], linger: float = LINGER_MS / 1000) -> None:
+                 count_drop: Callable[[str, int], None], linger: float) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be positive")
         if linger < 0:
@@ -268,6 +269,7 @@ class BatchSender:
         self._send_now.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._send_now.wait(), self._linger)
+        check_cancelled()  # wait_for, too, can lose a cancel() on Python < 3.12
 
     async def _send(self, batch: list[tuple[int, Op]]) -> list[object]:
         # MULTI/EXEC: a batch cut off mid-way by a dropped connection is not half applied,
