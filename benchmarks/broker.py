@@ -22,97 +22,83 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import psutil
 from redis.asyncio import Redis
 
-from benchmarks.broker_app import VARIANT_ENV, VARIANTS, add_middlewares, make_broker
-from benchmarks.common import RedisServer, median, python_child, stop_process
-from benchmarks.overhead import span_provider
+from benchmarks.broker_app import (
+    VARIANT_ENV,
+    VARIANTS,
+    add_middlewares,
+    install_span_provider,
+    make_broker,
+)
+from benchmarks.common import (
+    RedisServer,
+    Workers,
+    child_cwd,
+    child_env,
+    median,
+    paired_ratio,
+    slot_order,
+)
 
 SIZE, QUICK_SIZE = 3000, 1000
 SAMPLES, QUICK_SAMPLES = 7, 3
 RESULTS_DB = 1
-"""The results' database: its ``DBSIZE`` is the number of results stored."""
+"""The first results' database (one per variant): its ``DBSIZE`` is the results stored."""
 TIMEOUT_S = 120.0
 
 
-class _Worker:
-    """One variant's ``taskiq worker`` process group, stopped between samples."""
-
-    def __init__(self, variant: str, url: str, results_url: str, queue: str) -> None:
-        self.variant = variant
-        self.log = tempfile.NamedTemporaryFile(prefix=f"flowtrace-bench-{variant}-",  # noqa: SIM115
-                                               suffix=".log")
-        self.proc = python_child(
-            ["-m", "taskiq", "worker", "benchmarks.broker_app:broker", "--workers", "1",
-             "--wait-tasks-timeout", "5"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-            env_extra={VARIANT_ENV: variant, "FLOWTRACE_BENCH_REDIS": url,
-                       "FLOWTRACE_BENCH_RESULTS": results_url, "FLOWTRACE_BENCH_QUEUE": queue})
-
-    def pause(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
-
-    def cpu_seconds(self) -> float:
-        """User + system time of the worker processes (taskiq's children) so far."""
-        total = 0.0
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            times = child.cpu_times()
-            total += times.user + times.system
-        return total
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        self.resume()  # a stopped process cannot act on SIGTERM
-        stop_process(self.proc, timeout=20)
-        self.log.close()
-
-
 class _Variant:
-    """A variant's worker and the kicking broker that feeds it."""
+    """A variant's ``taskiq worker`` process (stopped between samples) and the kicking
+    broker that feeds it."""
 
-    def __init__(self, variant: str, redis: RedisServer, provider: Any) -> None:
+    def __init__(self, variant: str, redis: RedisServer) -> None:
         self.variant = variant
         url = redis.url
-        self.results_url = f"redis://127.0.0.1:{redis.port}/{RESULTS_DB + VARIANTS.index(variant)}"
+        results_url = f"redis://127.0.0.1:{redis.port}/{RESULTS_DB + VARIANTS.index(variant)}"
         queue = f"flowtrace-bench-{variant}"
-        self.worker = _Worker(variant, url, self.results_url, queue)
-        self.kicker = make_broker(url, self.results_url, queue)
-        self.middleware = add_middlewares(self.kicker, variant, provider, url, worker=False)
-        self.results: Redis = Redis.from_url(self.results_url)
+        self.worker = Workers(
+            "benchmarks.broker_app:broker", workers=1, cwd=child_cwd(),
+            env=child_env(**{VARIANT_ENV: variant, "FLOWTRACE_BENCH_REDIS": url,
+                             "FLOWTRACE_BENCH_RESULTS": results_url,
+                             "FLOWTRACE_BENCH_QUEUE": queue}))
+        self.kicker = make_broker(url, results_url, queue)
+        self.middleware = add_middlewares(self.kicker, variant, url, worker=False)
+        self.results: Redis = Redis.from_url(results_url)
 
     async def start(self) -> None:
         await self.kicker.startup()
         await self.results.flushdb()
 
+    def _signal(self, sig: int) -> None:
+        os.killpg(self.worker.proc.pid, sig)
+
+    def _worker_cpu_seconds(self) -> float:
+        """User + system time of the worker processes (taskiq's children) so far."""
+        children = psutil.Process(self.worker.proc.pid).children(recursive=True)
+        return float(sum(c.cpu_times().user + c.cpu_times().system for c in children))
+
     async def sample(self, n: int) -> dict[str, float]:
         """Kick ``n`` messages to the stopped worker, continue it, time it until done."""
         task = self.kicker.find_task("noop")
         assert task is not None
-        self.worker.pause()
+        self._signal(signal.SIGSTOP)
         try:
             ids = [(await task.kiq()).task_id for _ in range(n)]
             if self.middleware is not None:
                 await self.middleware.transport.flush()  # the kicker's events, not timed
         finally:
-            cpu_before = self.worker.cpu_seconds()
+            cpu_before = self._worker_cpu_seconds()
             started = time.perf_counter()
-            self.worker.resume()
+            self._signal(signal.SIGCONT)
         await self._until_stored(n)
         elapsed = time.perf_counter() - started
-        cpu = self.worker.cpu_seconds() - cpu_before
+        cpu = self._worker_cpu_seconds() - cpu_before
         await self._check(ids)
         await self.results.flushdb()
         return {"per_s": n / elapsed, "per_cpu_s": n / cpu if cpu > 0 else float("nan")}
@@ -123,7 +109,8 @@ class _Variant:
             if time.perf_counter() > deadline or self.worker.proc.poll() is not None:
                 raise RuntimeError(
                     f"broker {self.variant}: {await self.results.dbsize()} of {n} results "
-                    f"(worker exit code {self.worker.proc.poll()}):\n{self.worker.output()}")
+                    f"(worker exit code {self.worker.proc.poll()}):\n"
+                    f"{self.worker.output()[-4000:]}")
             await asyncio.sleep(0.002)
 
     async def _check(self, ids: list[str]) -> None:
@@ -139,32 +126,32 @@ class _Variant:
             await self.kicker.shutdown()
             await self.results.aclose()
         finally:
-            self.worker.stop()
+            if self.worker.proc.poll() is None:
+                self._signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            self.worker.stop(timeout=20)
+            os.unlink(self.worker.log.name)
 
 
 async def _measure(variants: tuple[str, ...], n: int, samples: int) -> dict[str, Any]:
-    provider, _ = span_provider("batch", "discard")
+    provider = install_span_provider()
     rates: dict[str, dict[str, list[float]]] = {
         metric: {v: [] for v in variants} for metric in ("per_s", "per_cpu_s")}
     with RedisServer() as redis:
-        running = [_Variant(v, redis, provider) for v in variants]
+        running = [_Variant(v, redis) for v in variants]
         try:
             for variant in running:
                 await variant.start()
                 await variant.sample(max(100, n // 5))  # warm-up: imports, connections
             for slot in range(samples):
                 print(f"  broker {slot + 1}/{samples}", file=sys.stderr)
-                shift = slot % len(running)
-                for variant in running[shift:] + running[:shift]:
-                    result = await variant.sample(n)
-                    for metric, value in result.items():
+                for variant in slot_order(running, slot):
+                    for metric, value in (await variant.sample(n)).items():
                         rates[metric][variant.variant].append(value)
         finally:
             for variant in running:
                 await variant.close()
             provider.shutdown()
-    ratios = {metric: {v: {b: median([a / c for a, c in zip(rates[metric][v], rates[metric][b],
-                                                              strict=True)])
+    ratios = {metric: {v: {b: paired_ratio(rates[metric][v], rates[metric][b])
                            for b in ("bare", "otel_prom") if b in variants}
                        for v in variants}
               for metric in rates}

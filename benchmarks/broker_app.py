@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
-from typing import Any
+from typing import cast
 
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from taskiq import AsyncBroker
 from taskiq_pipelines import PipelineMiddleware
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
-from benchmarks.common import free_port
+import flowtrace
+from benchmarks.overhead import otel_prom_middlewares, span_provider
 from examples.brokers.settings import redis_broker_connection
+from flowtrace import FlowtraceMiddleware
 
 VARIANTS = ("bare", "otel_prom", "flowtrace")
 VARIANT_ENV = "FLOWTRACE_BENCH_VARIANT"
@@ -44,46 +47,36 @@ def make_broker(url: str, results_url: str, queue: str) -> RedisStreamBroker:
     return broker
 
 
-def add_middlewares(broker: AsyncBroker, variant: str, provider: Any, url: str,
-                    worker: bool) -> Any:
-    """The variant's middlewares (the kicker's part of them when not ``worker``); returns
-    flowtrace's middleware, or None."""
-    if variant == "bare":
-        broker.add_middlewares(PipelineMiddleware())
-        return None
+def install_span_provider() -> TracerProvider:
+    """An SDK provider, installed globally as an application does, whose batch processor's
+    exporter drops what it is given, as a network exporter does: nothing is kept."""
+    provider, _ = span_provider("batch", "discard")
+    trace.set_tracer_provider(provider)
+    return cast(TracerProvider, provider)
+
+
+def add_middlewares(broker: AsyncBroker, variant: str, url: str,
+                    worker: bool) -> FlowtraceMiddleware | None:
+    """The variant's middlewares, with the installed tracer provider (the kicker's part of
+    them when not ``worker``: it counts no Prometheus metrics); flowtrace's, if any."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    broker.add_middlewares(PipelineMiddleware())
     if variant == "otel_prom":
-        from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
-
-        broker.add_middlewares(PipelineMiddleware(),
-                               OpenTelemetryMiddleware(tracer_provider=provider))
-        if worker:
-            from taskiq.middlewares import PrometheusMiddleware
-
-            broker.add_middlewares(PrometheusMiddleware(
-                metrics_path=Path(tempfile.mkdtemp(prefix="flowtrace-bench-prom-")),
-                server_port=free_port(), server_addr="127.0.0.1"))
-        return None
+        metrics_dir = tempfile.mkdtemp(prefix="flowtrace-bench-prom-") if worker else None
+        broker.add_middlewares(*otel_prom_middlewares(trace.get_tracer_provider(),
+                                                      metrics_dir))
     if variant == "flowtrace":
-        from flowtrace import FlowtraceMiddleware
-        from flowtrace.transport.redis_stream import RedisStreamTransport
-
-        broker.add_middlewares(PipelineMiddleware())
-        middleware = FlowtraceMiddleware(transport=RedisStreamTransport(url),
-                                         tracer_provider=provider)
-        broker.add_middlewares(middleware)
-        middleware.ensure_placement()
-        return middleware
-    raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+        return flowtrace.instrument(broker, redis_url=url)  # as a fleet's worker does
+    return None
 
 
 def _worker_broker() -> RedisStreamBroker:
-    from benchmarks.overhead import span_provider
-
     url = os.environ["FLOWTRACE_BENCH_REDIS"]
     broker = make_broker(url, os.environ["FLOWTRACE_BENCH_RESULTS"],
                          os.environ["FLOWTRACE_BENCH_QUEUE"])
-    provider, _ = span_provider("batch", "discard")  # as a network exporter: nothing kept
-    add_middlewares(broker, os.environ[VARIANT_ENV], provider, url, worker=True)
+    install_span_provider()
+    add_middlewares(broker, os.environ[VARIANT_ENV], url, worker=True)
     return broker
 
 

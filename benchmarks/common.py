@@ -16,11 +16,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from tests.support.processes import RedisServer, free_port, port_open
+from tests.support.processes import RedisServer, Workers, free_port, port_open
 
-__all__ = ["RedisServer", "free_port", "port_open"]  # shared with the tests' helpers
+__all__ = ["RedisServer", "Workers", "free_port", "port_open"]  # shared with the tests' helpers
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
@@ -69,17 +71,21 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def child_cwd() -> Path:
+    """Where children start: an empty directory, so that ``PYTHONPATH`` alone decides what
+    they import (``python -m`` puts the working directory first on the path)."""
+    _CHILD_CWD.mkdir(exist_ok=True)
+    return _CHILD_CWD
+
+
 def python_child(args: Sequence[str], wrapper: Sequence[str] = (),
-                 env_extra: dict[str, str] | None = None,
                  **popen: Any) -> subprocess.Popen[bytes]:
     """``python -m ...`` in a new process group (stopped with :func:`stop_process`).
 
-    ``wrapper`` goes before the interpreter (``valgrind ...``, say); ``env_extra`` is
-    added to :func:`child_env`.
+    ``wrapper`` goes before the interpreter (``valgrind ...``, say).
     """
-    _CHILD_CWD.mkdir(exist_ok=True)
-    return subprocess.Popen([*wrapper, sys.executable, *args], env=child_env(**(env_extra or {})),
-                            cwd=_CHILD_CWD, start_new_session=True, **popen)
+    return subprocess.Popen([*wrapper, sys.executable, *args], env=child_env(), cwd=child_cwd(),
+                            start_new_session=True, **popen)
 
 
 def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
@@ -139,6 +145,17 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median of sample-by-sample ratios: the samples of one slot ran seconds apart."""
+    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
+
+
+def slot_order(items: Sequence[T], slot: int) -> list[T]:
+    """``items`` rotated by ``slot``: over the slots each one takes each position as often."""
+    shift = slot % len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def flowtrace_location() -> str:

@@ -65,7 +65,15 @@ import tempfile
 import time
 from typing import Any, cast
 
-from benchmarks.common import flowtrace_location, free_port, median, python_child, stop_process
+from benchmarks.common import (
+    flowtrace_location,
+    free_port,
+    median,
+    paired_ratio,
+    python_child,
+    slot_order,
+    stop_process,
+)
 
 FLOOR = "floor"
 """Not flowtrace: :mod:`benchmarks.floor`, the contract's work for a plain task written flat."""
@@ -171,6 +179,24 @@ def span_provider(processor: str, exporter_mode: str) -> tuple[Any, Any]:
     return provider, exporter
 
 
+def otel_prom_middlewares(provider: Any, metrics_dir: str | None) -> list[Any]:
+    """taskiq's ``OpenTelemetryMiddleware`` with ``provider``, and its
+    ``PrometheusMiddleware`` keeping its metrics in ``metrics_dir`` (multiprocess mode;
+    None: a kicker, which counts nothing). PrometheusMiddleware starts its HTTP server only
+    in a worker process (``broker.is_worker_process``); a free port is given anyway."""
+    from pathlib import Path
+
+    from taskiq.middlewares import PrometheusMiddleware
+    from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
+
+    middlewares: list[Any] = [OpenTelemetryMiddleware(tracer_provider=provider)]
+    if metrics_dir is not None:
+        middlewares.append(PrometheusMiddleware(metrics_path=Path(metrics_dir),
+                                                server_port=free_port(),
+                                                server_addr="127.0.0.1"))
+    return middlewares
+
+
 def _build(variant: str, processor: str, metrics_dir: str,
            exporter_mode: str = "keep") -> tuple[Any, Any, Any, Any, Any]:
     """(broker, provider, exporter, hook, middleware); None where a variant has none."""
@@ -183,20 +209,7 @@ def _build(variant: str, processor: str, metrics_dir: str,
         return broker, None, None, None, None
     provider, exporter = span_provider(processor, exporter_mode)
     if variant == "otel_prom":
-        # PrometheusMiddleware only starts its HTTP server in a worker process
-        # (``broker.is_worker_process``), which an InMemoryBroker is not; a free port
-        # is given anyway. Its metrics live in ``metrics_dir`` (multiprocess mode).
-        from pathlib import Path
-
-        from taskiq.middlewares import PrometheusMiddleware
-        from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
-
-        broker.add_middlewares(
-            PipelineMiddleware(),
-            OpenTelemetryMiddleware(tracer_provider=provider),
-            PrometheusMiddleware(metrics_path=Path(metrics_dir), server_port=free_port(),
-                                 server_addr="127.0.0.1"),
-        )
+        broker.add_middlewares(PipelineMiddleware(), *otel_prom_middlewares(provider, metrics_dir))
         return broker, provider, exporter, None, None
     from opentelemetry import trace
 
@@ -428,11 +441,6 @@ class _Child:
         self.stderr.close()
 
 
-def _paired(numerators: list[float], denominators: list[float]) -> float:
-    """The median of sample-by-sample ratios: samples of one slot ran a few seconds apart."""
-    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
-
-
 def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
         processor: str = "batch", samples: int | None = None,
         exporter: str = "keep", workloads: tuple[str, ...] = WORKLOADS) -> dict[str, Any]:
@@ -454,8 +462,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
             takers = [v for v in variants if workload in runs[v]]
             for slot in range(samples):
                 print(f"  overhead {workload} {slot + 1}/{samples}", file=sys.stderr)
-                shift = slot % len(takers)  # each variant in each position as often
-                for variant in takers[shift:] + takers[:shift]:
+                for variant in slot_order(takers, slot):
                     result = children[variant].measure(workload, sizes[workload])
                     for metric in metrics:
                         rates[metric][variant][workload].append(result[metric])
@@ -467,7 +474,7 @@ def run(quick: bool = False, variants: tuple[str, ...] = VARIANTS,
         for child in children.values():
             child.stop()
     baselines = [b for b in ("bare", "otel_prom", FLOOR) if b in variants]
-    ratios = {m: {w: {v: {b: _paired(rates[m][v][w], rates[m][b][w]) for b in baselines
+    ratios = {m: {w: {v: {b: paired_ratio(rates[m][v][w], rates[m][b][w]) for b in baselines
                           if w in runs[b]}
                       for v in variants if w in runs[v]}
                   for w in workloads}

@@ -90,13 +90,13 @@ class Workers:
     """``taskiq worker module:broker --workers N`` as a real subprocess group."""
 
     def __init__(self, broker_ref: str, env: dict[str, str], workers: int = 2,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), cwd: Path = REPO_ROOT) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="flowtrace-worker-", suffix=".log",
                                                delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "taskiq", "worker", broker_ref, "--workers", str(workers),
              "--wait-tasks-timeout", "5", *extra_args],
-            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
