@@ -333,6 +333,65 @@ async def test_stream_unflushed_events_leave_after_the_linger(redis_server: Redi
     await transport.close()
 
 
+async def _calls(raw: Redis, command: str) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_stream_batch_of_events_is_one_script_call(redis_server: RedisServer,
+                                                         no_task_leaks: None) -> None:
+    """redis-py packs and parses each command in Python: a batch's events go as one EVAL,
+    in order, with the item counts queued between them applied too."""
+    transport = RedisStreamTransport(redis_server.url, linger_ms=600_000)
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.config_resetstat()
+        for n in range(200):
+            await transport.publish(step(n))
+            if n % 50 == 0:
+                transport.count_item("run:1", failed=False)
+        assert await transport.flush(timeout=10)
+        # One batch: an EVAL for each run of events around the four counts, and the
+        # sender's one question whether the server runs scripts (200 calls without them).
+        assert await _calls(raw, "eval") == 1 + 5
+        assert await _calls(raw, "exec") == 1
+        assert await raw.hget("flowtrace:items:run:1", "done") == b"4"
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(200))
+    await transport.close()
+
+
+async def test_stream_without_scripting_publishes_each_event(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A server (or an ACL) that runs no scripts still gets every event, one XADD each."""
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.acl_setuser("noscripts", enabled=True, nopass=True, keys=["~*"],
+                              channels=["*"], commands=["+@all", "-@scripting"])
+        await raw.config_resetstat()
+        url = f"redis://noscripts@127.0.0.1:{redis_server.port}/0"
+        transport = RedisStreamTransport(url, maxlen=150, approximate=False)
+        for n in range(200):
+            await transport.publish(step(n))
+        assert await transport.flush(timeout=10)
+        assert "runs no scripts" in caplog.text
+        assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(50, 200))
+        assert await _calls(raw, "xadd") == 200
+        await transport.close()
+
+
+async def test_stream_events_redis_rejects_are_counted(redis_server: RedisServer,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A key of another type where the stream belongs: every event of the failed script
+    call is counted as dropped, not one per call."""
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.set("flowtrace:events", "not a stream")
+    transport = RedisStreamTransport(redis_server.url)
+    for n in range(30):
+        await transport.publish(step(n))
+    assert await transport.flush(timeout=10)
+    assert transport.dropped == {"redis_error": 30}
+    assert "WRONGTYPE" in caplog.text
+    await transport.close()
+
+
 def test_stream_rejects_a_negative_linger() -> None:
     with pytest.raises(ValueError, match="linger"):
         RedisStreamTransport("redis://127.0.0.1:1/0", linger_ms=-1)

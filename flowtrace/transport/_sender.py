@@ -1,13 +1,16 @@
 """What both Redis transports share: the buffered background sender and small helpers.
 
-``publish`` must never wait on the network, so it only appends an operation (a
-tuple of Redis commands) to a bounded local buffer; one background task ships
-the buffer in MULTI/EXEC batches, in order. Before a batch leaves, the task lets it
-fill for up to ``linger`` seconds (unless a ``flush`` waits or the batch is full): a
-worker emitting thousands of events a second then pays one round trip for dozens of
-them, not one each. While Redis is unreachable the task keeps the buffer (dropping
-the oldest operations beyond ``buffer_size``), retries with exponential backoff and
-logs once per outage.
+``publish`` must never wait on the network, so it only appends an operation (an
+event's JSON, or a tuple of Redis commands) to a bounded local buffer; one background
+task ships the buffer in MULTI/EXEC batches, in order. Before a batch leaves, the task
+lets it fill for up to ``linger`` seconds (unless a ``flush`` waits or the batch is
+full): a worker emitting thousands of events a second then pays one round trip for
+dozens of them, not one each. Consecutive events of a batch go to Redis as one Lua
+script call that publishes each (where the server runs scripts): redis-py packs and
+parses every command in Python, and one command per event cost the worker six times the
+CPU. While Redis is unreachable the task keeps the buffer (dropping the oldest
+operations beyond ``buffer_size``), retries with exponential backoff and logs once per
+outage.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from collections import deque
 from collections.abc import Callable
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from flowtrace.events import BaseEvent, Event, InvalidEvent, parse_event
 from flowtrace.transport.base import Transport
@@ -31,8 +36,9 @@ log = logging.getLogger("flowtrace.transport")
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
-Op = tuple[Command, ...]
-"""Commands that belong together (e.g. HINCRBY + EXPIRE); shipped in the same batch."""
+Op = tuple[Command, ...] | str
+"""Commands that belong together (e.g. HINCRBY + EXPIRE), shipped in the same batch, or
+an event's JSON to publish."""
 
 COUNTER_TTL_S = 86_400
 LINGER_MS = 5.0
@@ -41,6 +47,11 @@ few hundred µs, faster than one round trip: without it every event went alone, 
 own MULTI/EXEC, and shipping cost the worker more CPU than the rest of flowtrace."""
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` (redis-py 8's ``repr`` of its errors is only ``server:ResponseError``)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def make_client(url: str, socket_timeout: float) -> Redis:
@@ -73,7 +84,7 @@ async def read_counts(client: Redis, key: str) -> tuple[int, int]:
         check_cancelled()
         return int(done or 0), int(failed or 0)
     except Exception as exc:  # noqa: BLE001 - documented: unreachable reads as nothing counted
-        log.debug("flowtrace: reading item counts for %s failed: %r", key, exc)
+        log.debug("flowtrace: reading item counts for %s failed: %s", key, describe(exc))
         return 0, 0
 
 
@@ -125,14 +136,26 @@ class Outage:
 
     def failed(self, exc: BaseException) -> None:
         if not self.down:
-            log.warning("flowtrace: %s lost Redis (%r); retrying in the background",
-                        self.what, exc)
+            log.warning("flowtrace: %s lost Redis (%s); retrying in the background",
+                        self.what, describe(exc))
         self.down = True
 
     def ok(self) -> None:
         if self.down:
             log.warning("flowtrace: %s reconnected to Redis", self.what)
         self.down = False
+
+
+class Publishing(abc.ABC):
+    """How a transport publishes events' JSON: one by one, or many in one script call."""
+
+    @abc.abstractmethod
+    def publish_command(self, payload: str) -> Command:
+        """The Redis command that publishes one event's JSON."""
+
+    @abc.abstractmethod
+    def publish_script(self, payloads: list[str]) -> Command:
+        """One ``EVAL`` that publishes each of ``payloads``, in order, replying their number."""
 
 
 class BatchSender:
@@ -144,13 +167,17 @@ class BatchSender:
     module doc). Use from one event loop thread.
     """
 
-    def __init__(self, client: Redis, *, what: str, buffer_size: int, batch_size: int,
-                 count_drop: Callable[[str, int], None], linger: float) -> None:
+    def __init__(self, client: Redis, publishing: Publishing, *, what: str, buffer_size: int,
+                 batch_size: int, count_drop: Callable[[str, int], None],
+                 linger: float) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be positive")
         if linger < 0:
             raise ValueError("linger must not be negative")
         self._client = client
+        self._publishing = publishing
+        self._scripting: bool | None = None
+        """Whether the server runs the publish script (None: not asked yet)."""
         self._buffer: deque[tuple[int, Op]] = deque()
         self._in_flight: list[tuple[int, Op]] = []
         self._buffer_size = buffer_size
@@ -246,7 +273,9 @@ class BatchSender:
                 take = min(self._batch_size, len(self._buffer))
                 self._in_flight = [self._buffer.popleft() for _ in range(take)]
             try:
-                results = await self._send(self._in_flight)
+                if self._scripting is None:
+                    self._scripting = await self._runs_scripts()
+                results, sizes = await self._send(self._in_flight)
             except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, back off, retry
                 check_cancelled()
                 self._outage.failed(exc)
@@ -256,7 +285,7 @@ class BatchSender:
             self._outage.ok()
             backoff.reset()
             self._in_flight = []
-            self._report_errors(results)
+            self._report_errors(results, sizes)
             self._pulse()
             check_cancelled()
 
@@ -271,23 +300,60 @@ class BatchSender:
             await asyncio.wait_for(self._send_now.wait(), self._linger)
         check_cancelled()  # wait_for, too, can lose a cancel() on Python < 3.12
 
-    async def _send(self, batch: list[tuple[int, Op]]) -> list[object]:
+    async def _runs_scripts(self) -> bool:
+        """Ask the server once: scripting may be disabled, or denied to this user by an ACL."""
+        try:
+            await self._client.eval("return 1", 0)
+        except ResponseError as exc:
+            log.warning("flowtrace: %s: Redis runs no scripts (%s); publishing one command "
+                        "per event", self._outage.what, exc)
+            return False
+        finally:
+            check_cancelled()
+        return True
+
+    async def _send(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
+        """Each command's reply, and how many operations each command carried."""
         # MULTI/EXEC: a batch cut off mid-way by a dropped connection is not half applied,
         # so resending it does not duplicate its first events.
+        sizes: list[int] = []
         async with self._client.pipeline(transaction=True) as pipe:
+            payloads: list[str] = []
             for _, op in batch:
+                if isinstance(op, str):
+                    payloads.append(op)
+                    continue
+                self._queue_publishes(pipe, payloads, sizes)
                 for command in op:
                     pipe.execute_command(*command)
-            return await pipe.execute(raise_on_error=False)
+                    sizes.append(1)
+            self._queue_publishes(pipe, payloads, sizes)
+            return await pipe.execute(raise_on_error=False), sizes
 
-    def _report_errors(self, results: list[object]) -> None:
-        errors = [r for r in results if isinstance(r, Exception)]
+    def _queue_publishes(self, pipe: Pipeline, payloads: list[str], sizes: list[int]) -> None:
+        """Queue the publication of ``payloads`` (then empty it) on ``pipe``."""
+        if not payloads:
+            return
+        if self._scripting:
+            pipe.execute_command(*self._publishing.publish_script(payloads))
+            sizes.append(len(payloads))
+        else:
+            for payload in payloads:
+                pipe.execute_command(*self._publishing.publish_command(payload))
+            sizes.extend([1] * len(payloads))
+        payloads.clear()
+
+    def _report_errors(self, results: list[object], sizes: list[int]) -> None:
+        """Count what Redis rejected: every event of a failed script, as some may be lost."""
+        errors = [(r, size) for r, size in zip(results, sizes, strict=True)
+                  if isinstance(r, Exception)]
         if errors:
-            log.warning("flowtrace: Redis rejected %d command(s), e.g. %r", len(errors), errors[0])
-            self._count_drop("redis_error", len(errors))
+            log.warning("flowtrace: Redis rejected %d command(s), e.g. %s", len(errors),
+                        describe(errors[0][0]))
+            self._count_drop("redis_error", sum(size for _, size in errors))
 
 
-class SenderBackedTransport(Transport):
+class SenderBackedTransport(Transport, Publishing):
     """What both Redis transports share: one :class:`BatchSender` ships publishes and counts."""
 
     _sender: BatchSender
@@ -296,13 +362,9 @@ class SenderBackedTransport(Transport):
     def _start_sender(self, client: Redis, what: str, buffer_size: int,
                       batch_size: int, linger_ms: float) -> None:
         self._client = client
-        self._sender = BatchSender(client, what=what, buffer_size=buffer_size,
+        self._sender = BatchSender(client, self, what=what, buffer_size=buffer_size,
                                    batch_size=batch_size, count_drop=self._count_drop,
                                    linger=linger_ms / 1000)
-
-    @abc.abstractmethod
-    def _publish_command(self, payload: str) -> Command:
-        """The Redis command that publishes one event's JSON."""
 
     def publish_nowait(self, event: BaseEvent) -> None:
         """Buffer ``event`` for the background sender; never waits on Redis."""
@@ -312,7 +374,7 @@ class SenderBackedTransport(Transport):
             log.warning("flowtrace: dropping unserializable %s: %r", type(event).__name__, exc)
             self._count_drop("unserializable")
             return
-        self._sender.submit((self._publish_command(payload),))
+        self._sender.submit(payload)
 
     async def flush(self, timeout: float = 2.0) -> bool:
         """Wait until everything published so far is in Redis.

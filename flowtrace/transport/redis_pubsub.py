@@ -24,6 +24,11 @@ from flowtrace.transport.base import FROM_BEGINNING
 
 _POLL_S = 1.0
 _CLOSE_WAIT_S = 2.0
+_PUBLISH_EACH = """
+for i = 2, #ARGV do redis.call('PUBLISH', ARGV[1], ARGV[i]) end
+return #ARGV - 1
+"""
+"""Each event after the channel: one PUBLISH (a channel is not a key: it is an argument)."""
 
 
 class RedisPubSubTransport(SenderBackedTransport):
@@ -42,8 +47,11 @@ class RedisPubSubTransport(SenderBackedTransport):
         self._seq = 0
         self._closed = False
 
-    def _publish_command(self, payload: str) -> _sender.Command:
+    def publish_command(self, payload: str) -> _sender.Command:
         return ("PUBLISH", self.channel, payload)
+
+    def publish_script(self, payloads: list[str]) -> _sender.Command:
+        return ("EVAL", _PUBLISH_EACH, 0, self.channel, *payloads)
 
     async def close(self) -> None:
         """Ship what is buffered (≤ 2 s) and stop; subscribers end within a second."""

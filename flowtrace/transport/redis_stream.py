@@ -25,6 +25,7 @@ from flowtrace.transport._sender import (
     Outage,
     SenderBackedTransport,
     check_cancelled,
+    describe,
     log,
     make_client,
 )
@@ -37,6 +38,20 @@ _MAX_ID_PART = 2**64 - 1
 _FIELD = "e"
 _FIELD_BYTES = _FIELD.encode()
 _CLOSE_WAIT_S = 2.0
+_XADD_EACH = """
+local trimming = tonumber(ARGV[1])
+local command = {'XADD', KEYS[1]}
+for i = 2, 1 + trimming do command[#command + 1] = ARGV[i] end
+command[#command + 1] = '*'
+command[#command + 1] = ARGV[2 + trimming]
+local value = #command + 1
+for i = 3 + trimming, #ARGV do
+    command[value] = ARGV[i]
+    redis.call(unpack(command))
+end
+return #ARGV - 2 - trimming
+"""
+"""Each event after the trim arguments (``MAXLEN [~] n``) and the field name: one XADD."""
 
 
 def parse_stream_id(value: str) -> StreamId | None:
@@ -78,8 +93,12 @@ class RedisStreamTransport(SenderBackedTransport):
 
     # -- publishing -------------------------------------------------------------
 
-    def _publish_command(self, payload: str) -> _sender.Command:
+    def publish_command(self, payload: str) -> _sender.Command:
         return ("XADD", self.stream, *self._trim, "*", _FIELD, payload)
+
+    def publish_script(self, payloads: list[str]) -> _sender.Command:
+        return ("EVAL", _XADD_EACH, 1, self.stream, len(self._trim), *self._trim, _FIELD,
+                *payloads)
 
     async def close(self) -> None:
         """Ship what is buffered (≤ 2 s), stop the sender, release connections.
@@ -237,7 +256,7 @@ class RedisStreamTransport(SenderBackedTransport):
         try:
             info = await self._stream_info(self._client)
         except Exception as exc:  # noqa: BLE001 - cannot check: say "maybe truncated"
-            log.debug("flowtrace: cannot check stream history: %r", exc)
+            log.debug("flowtrace: cannot check stream history: %s", describe(exc))
             return True
         return info is None or _trimmed_after(wanted, info)  # no stream: all of it is gone
 
