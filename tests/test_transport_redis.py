@@ -289,10 +289,16 @@ async def test_stream_item_counts(redis_server: RedisServer, no_task_leaks: None
     await transport.close()
 
 
-async def _batches_sent(raw: Redis) -> int:
-    """MULTI/EXEC transactions the server ran since its stats were reset: one per batch."""
+async def _calls(raw: Redis, command: str) -> int:
     stats = await raw.info("commandstats")
-    return int(stats.get("cmdstat_exec", {}).get("calls", 0))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def _batches_sent(raw: Redis) -> int:
+    """Batches the server got since its stats were reset: a batch of events alone is one
+    script call, any other one MULTI/EXEC transaction (the sender's first question whether
+    the server runs scripts is a script call too)."""
+    return await _calls(raw, "eval") + await _calls(raw, "exec")
 
 
 async def test_stream_events_trickling_in_share_a_batch(redis_server: RedisServer,
@@ -306,7 +312,7 @@ async def test_stream_events_trickling_in_share_a_batch(redis_server: RedisServe
             await asyncio.sleep(0.001)  # one event per loop turn, as tasks finish
         assert await transport.flush(timeout=10)
         assert await raw.xlen("flowtrace:events") == 40
-        assert await _batches_sent(raw) <= 5  # one per event (40) without a linger
+        assert await _batches_sent(raw) <= 1 + 5  # one per event (40) without a linger
     assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(40))
     await transport.close()
 
@@ -333,11 +339,6 @@ async def test_stream_unflushed_events_leave_after_the_linger(redis_server: Redi
     await transport.close()
 
 
-async def _calls(raw: Redis, command: str) -> int:
-    stats = await raw.info("commandstats")
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-
-
 async def test_stream_batch_of_events_is_one_script_call(redis_server: RedisServer,
                                                          no_task_leaks: None) -> None:
     """redis-py packs and parses each command in Python: a batch's events go as one EVAL,
@@ -356,6 +357,20 @@ async def test_stream_batch_of_events_is_one_script_call(redis_server: RedisServ
         assert await _calls(raw, "exec") == 1
         assert await raw.hget("flowtrace:items:run:1", "done") == b"4"
     assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(200))
+    await transport.close()
+
+
+async def test_stream_batch_of_events_alone_needs_no_transaction(
+        redis_server: RedisServer, no_task_leaks: None) -> None:
+    """A script runs whole or not at all by itself: no MULTI/EXEC round trip around it."""
+    transport = RedisStreamTransport(redis_server.url, linger_ms=600_000)
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.config_resetstat()
+        for n in range(100):
+            await transport.publish(step(n))
+        assert await transport.flush(timeout=10)
+        assert (await _calls(raw, "eval"), await _calls(raw, "exec")) == (1 + 1, 0)
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(100))
     await transport.close()
 
 
