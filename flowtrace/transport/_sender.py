@@ -2,15 +2,16 @@
 
 ``publish`` must never wait on the network, so it only appends an operation (an
 event's JSON, or a tuple of Redis commands) to a bounded local buffer; one background
-task ships the buffer in MULTI/EXEC batches, in order. Before a batch leaves, the task
-lets it fill for up to ``linger`` seconds (unless a ``flush`` waits or the batch is
-full): a worker emitting thousands of events a second then pays one round trip for
-dozens of them, not one each. Consecutive events of a batch go to Redis as one Lua
-script call that publishes each (where the server runs scripts): redis-py packs and
-parses every command in Python, and one command per event cost the worker six times the
-CPU. While Redis is unreachable the task keeps the buffer (dropping the oldest
-operations beyond ``buffer_size``), retries with exponential backoff and logs once per
-outage.
+task ships the buffer in batches, in order, each applied whole or not at all. Before a
+batch leaves, the task lets it fill for up to ``linger`` seconds (unless a ``flush``
+waits or the batch is full): a worker emitting thousands of events a second then pays
+one round trip for dozens of them, not one each. Consecutive events of a batch go to
+Redis as one Lua script call that publishes each (where the server runs scripts):
+redis-py packs and parses every command in Python, and one command per event cost the
+worker six times the CPU. A batch of events alone is that one script call; any other
+batch is a MULTI/EXEC transaction. While Redis is unreachable the task keeps the
+buffer (dropping the oldest operations beyond ``buffer_size``), retries with exponential
+backoff and logs once per outage.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -307,7 +307,7 @@ class BatchSender:
             await self._client.eval("return 1", 0)
         except ResponseError as exc:
             log.warning("flowtrace: %s: Redis runs no scripts (%s); publishing one command "
-                        "per event", self._outage.what, exc)
+                        "per event", self._outage.what, describe(exc))
             return False
         finally:
             check_cancelled()
@@ -319,8 +319,9 @@ class BatchSender:
         A batch is applied whole or not at all, so resending one that a dropped connection
         cut off does not duplicate its first events (nor count an item twice).
         """
-        if self._scripting and all(isinstance(op, str) for _, op in batch):
-            return await self._send_script(cast("list[str]", [op for _, op in batch]))
+        events = [op for _, op in batch if isinstance(op, str)]
+        if self._scripting and len(events) == len(batch):
+            return await self._send_script(events)
         sizes: list[int] = []
         async with self._client.pipeline(transaction=True) as pipe:
             payloads: list[str] = []
