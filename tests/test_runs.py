@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -357,6 +359,19 @@ def test_run_state_serializes_as_the_spec_says(store: RunStore) -> None:
                                      "finished_at", "duration_ms", "done", "total"}
     assert data["started_at"] == "2025-01-01T12:00:00Z"
     assert data["steps"][0]["status"] == "RUNNING"
+
+
+@pytest.mark.parametrize("copy_run", [lambda r: r.model_copy(), lambda r: r.model_copy(deep=True),
+                                      copy.copy, copy.deepcopy])
+def test_a_copied_run_state_is_equal_and_still_swept(copy_run: Callable[[RunState], RunState],
+                                                     store: RunStore) -> None:
+    """The store's bookkeeping lives outside pydantic's fields: a copy still carries it."""
+    seen = datetime.now(timezone.utc)
+    store.apply(start(), now=seen)
+    copied = copy_run(the_run(store))
+    assert copied == the_run(store)
+    assert copied.last_event_at == seen
+    assert RunState.model_validate(copied.model_dump()) == copied
 
 
 def test_gauge_follows_a_name_learned_late(store: RunStore, metrics: Metrics) -> None:
