@@ -9,16 +9,21 @@ one stalled client, in one process on the other core), and this orchestrator.
   the gateway's whole path: transport → run store → manager → per-client outboxes.
 - ``raw``: :mod:`benchmarks.raw_broadcaster` (the ceiling), fed the same JSON text.
 
-Phases, each against both servers (servers alternate, so that noise hits both):
+Phases, each against both servers. The servers take turns, two sessions each (raw,
+flowtrace, raw, flowtrace; one each with ``--quick``), and flowtrace's rate is compared
+with the raw session just before it, so that a host whose speed drifts within a minute
+(seen: a factor of two) hits both alike:
 
 1. *throughput*: the publisher keeps at most ``window`` events per healthy client
    in flight (published − received, read from a counter the client process
    shares), so no healthy client ever overflows its queue; delivered events/s
    across the healthy clients, after a warm-up.
 2. *throughput with one stalled client* (never reads, ``SO_RCVBUF`` 4 KiB): how much
-   of phase 1 the healthy clients keep.
-3. *latency*: a paced rate (``rate`` events/s, the same for both servers), p50/p99
-   publish-to-receive latency over every delivery.
+   of phase 1 the healthy clients keep. Each session runs a warm-up (not counted), then
+   healthy, stalled, healthy, and the stalled phase is compared with the two healthy
+   ones around it.
+3. *latency* (last session of each server): a paced rate (``rate`` events/s, the same
+   for both servers), p50/p99 publish-to-receive latency over every delivery.
 
 uvicorn runs with its defaults (as ``flowtrace serve`` does), so per-message
 deflate is negotiated with clients that offer it; ``--compression none`` measures
@@ -34,6 +39,7 @@ import json
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from benchmarks.common import free_port, port_open, wait_for
@@ -357,42 +363,61 @@ def run(quick: bool = False, clients: int = 100, compression: str | None = "defl
     # past the moment the server dealt with it (dropped for it, or disconnected it).
     stalled = {**healthy, "name": "stalled", "stalled": True, "warmup": 0.0}
     paced = {"name": "paced", "kind": "paced", "rate": rate, "duration": duration}
-    phases = [healthy, stalled, healthy, paced]
-    sessions: dict[str, dict[str, Any]] = {}
-    for kind in ("raw", "flowtrace"):
-        print(f"  fanout: {kind} ({clients} clients, compression={compression or 'none'})",
-              flush=True)
-        sessions[kind] = _session(kind, clients, phases, compression)
+    # Each stalled phase sits between two healthy ones and is compared with them, and the
+    # servers take turns (raw, flowtrace, raw, flowtrace): the host's speed may drift
+    # within a minute by more than what is measured.
+    # A session's first seconds are slower (its run store and ring still filling, ~10 %
+    # for flowtrace): a healthy phase that is not counted comes first.
+    warm_up = {**healthy, "name": "warm-up"}
+    phases = [warm_up, healthy, stalled, healthy]
+    kinds = ("raw", "flowtrace")
+    rounds = 1 if quick else 2
+    sessions: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for round_ in range(rounds):
+        last = round_ == rounds - 1
+        for kind in kinds:
+            print(f"  fanout: {kind} ({clients} clients, compression={compression or 'none'}, "
+                  f"round {round_ + 1}/{rounds})", flush=True)
+            sessions[kind].append(
+                _session(kind, clients, [*phases, paced] if last else phases, compression))
 
-    def phase(kind: str, name: str, key: str) -> float:
-        values = [p[key] for p in sessions[kind]["phases"] if p["phase"] == name]
+    def mean_of(kind: str, name: str, key: str) -> float:
+        values = [p[key] for s in sessions[kind] for p in s["phases"] if p["phase"] == name]
         return sum(values) / len(values)
 
-    kinds = ("raw", "flowtrace")
-    throughput = {k: phase(k, "healthy", "deliveries_per_s") for k in kinds}
-    with_stalled = {k: phase(k, "stalled", "deliveries_per_s") for k in kinds}
-    paced_runs = {k: next(p for p in sessions[k]["phases"] if p["phase"] == "paced")
+    def first(kind: str, name: str) -> dict[str, Any]:
+        return next(p for p in sessions[kind][0]["phases"] if p["phase"] == name)
+
+    def healthy_rate(session: dict[str, Any]) -> float:
+        rates = [_deliveries(p) for p in session["phases"] if p["phase"] == "healthy"]
+        return sum(rates) / len(rates)
+
+    throughput = {k: mean_of(k, "healthy", "deliveries_per_s") for k in kinds}
+    paced_runs = {k: next(p for p in sessions[k][-1]["phases"] if p["phase"] == "paced")
                   for k in kinds}
+    round_ratios = [healthy_rate(f) / healthy_rate(r)
+                    for r, f in zip(sessions["raw"], sessions["flowtrace"], strict=True)]
     summary = {
         "clients": clients,
         "compression": compression or "none",
-        "event_bytes": sessions["flowtrace"]["event_bytes"],
+        "event_bytes": sessions["flowtrace"][0]["event_bytes"],
         "deliveries_per_s": throughput,
         "events_per_s": {k: v / clients for k, v in throughput.items()},
-        "ratio_vs_raw": throughput["flowtrace"] / throughput["raw"],
-        "with_stalled_deliveries_per_s": with_stalled,
-        "stalled_vs_healthy": {k: with_stalled[k] / throughput[k] for k in kinds},
-        "server_cpu_util": {k: phase(k, "healthy", "server_cpu_util") for k in kinds},
-        "client_cpu_util": {k: phase(k, "healthy", "client_cpu_util") for k in kinds},
-        "stalled_vs_healthy_per_cpu": {
-            k: (with_stalled[k] / phase(k, "stalled", "server_cpu_util"))
-            / (throughput[k] / phase(k, "healthy", "server_cpu_util")) for k in kinds},
-        "stall_hit_after_s": {
-            k: next(p for p in sessions[k]["phases"] if p["phase"] == "stalled")[
-                "stall_hit_after_s"] for k in kinds},
-        "stalled_client_outcome": {
-            k: next(p for p in sessions[k]["phases"] if p["phase"] == "stalled")["server"]
+        "ratio_vs_raw": sum(round_ratios) / len(round_ratios),
+        "ratio_vs_raw_per_round": round_ratios,
+        "with_stalled_deliveries_per_s": {
+            k: mean_of(k, "stalled", "deliveries_per_s") for k in kinds},
+        "stalled_vs_healthy": {
+            k: _mean(_stalled_vs_neighbours(s["phases"], _deliveries) for s in sessions[k])
             for k in kinds},
+        "server_cpu_util": {k: mean_of(k, "healthy", "server_cpu_util") for k in kinds},
+        "client_cpu_util": {k: mean_of(k, "healthy", "client_cpu_util") for k in kinds},
+        "stalled_vs_healthy_per_cpu": {
+            k: _mean(_stalled_vs_neighbours(s["phases"], _deliveries_per_cpu)
+                     for s in sessions[k])
+            for k in kinds},
+        "stall_hit_after_s": {k: first(k, "stalled")["stall_hit_after_s"] for k in kinds},
+        "stalled_client_outcome": {k: first(k, "stalled")["server"] for k in kinds},
         "latency_rate_events_per_s": rate,
         "latency_ms": {k: paced_runs[k]["latency"] for k in kinds},
         "latency_delivered_fraction": {
@@ -407,10 +432,25 @@ def run(quick: bool = False, clients: int = 100, compression: str | None = "defl
     return {"summary": summary, "targets": targets, "sessions": sessions}
 
 
-def _med(runs: list[dict[str, Any]], phase: str, key: str) -> float:
-    values = sorted(r[phase][key] for r in runs)
-    return values[len(values) // 2] if len(values) % 2 else sum(
-        values[len(values) // 2 - 1:len(values) // 2 + 1]) / 2
+def _deliveries(phase: dict[str, Any]) -> float:
+    return float(phase["deliveries_per_s"])
+
+
+def _deliveries_per_cpu(phase: dict[str, Any]) -> float:
+    return float(phase["deliveries_per_s"]) / float(phase["server_cpu_util"])
+
+
+def _stalled_vs_neighbours(phases: list[dict[str, Any]],
+                           rate: Callable[[dict[str, Any]], float]) -> float:
+    """The mean over stalled phases of each one's rate over the mean of the healthy phases
+    just before and after it."""
+    return _mean(rate(p) / ((rate(phases[i - 1]) + rate(phases[i + 1])) / 2)
+                 for i, p in enumerate(phases) if p["phase"] == "stalled")
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def main(argv: list[str] | None = None) -> int:
