@@ -114,6 +114,15 @@ class RunState(BaseModel):
         copied._book = copy.deepcopy(self._book, memo)
         return copied
 
+    def __getstate__(self) -> dict[Any, Any]:
+        return {**super().__getstate__(), "_book": self._book}
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        state = dict(state)
+        book = state.pop("_book", None)
+        super().__setstate__(state)
+        self._book = book if book is not None else RunBookkeeping()
+
     @property
     def last_event_at(self) -> datetime:
         """When the store last received an event of this run (for the LOST sweep)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -362,7 +363,8 @@ def test_run_state_serializes_as_the_spec_says(store: RunStore) -> None:
 
 
 @pytest.mark.parametrize("copy_run", [lambda r: r.model_copy(), lambda r: r.model_copy(deep=True),
-                                      copy.copy, copy.deepcopy])
+                                      copy.copy, copy.deepcopy,
+                                      lambda r: pickle.loads(pickle.dumps(r))])
 def test_a_copied_run_state_is_equal_and_still_swept(copy_run: Callable[[RunState], RunState],
                                                      store: RunStore) -> None:
     """The store's bookkeeping lives outside pydantic's fields: a copy still carries it."""
