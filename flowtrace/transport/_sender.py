@@ -8,10 +8,10 @@ waits or the batch is full): a worker emitting thousands of events a second then
 one round trip for dozens of them, not one each. Consecutive events of a batch go to
 Redis as one Lua script call that publishes each (where the server runs scripts):
 redis-py packs and parses every command in Python, and one command per event cost the
-worker six times the CPU. A batch of events alone is that one script call; any other
-batch is a MULTI/EXEC transaction. While Redis is unreachable the task keeps the
-buffer (dropping the oldest operations beyond ``buffer_size``), retries with exponential
-backoff and logs once per outage.
+worker six times the CPU. A batch that is one command (events alone: one script call)
+goes as it is; any other batch is a MULTI/EXEC transaction. While Redis is unreachable
+the task keeps the buffer (dropping the oldest operations beyond ``buffer_size``),
+retries with exponential backoff and logs once per outage.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -317,48 +316,45 @@ class BatchSender:
         """Each command's reply, and how many operations each command carried.
 
         A batch is applied whole or not at all, so resending one that a dropped connection
-        cut off does not duplicate its first events (nor count an item twice).
+        cut off does not duplicate its first events (nor count an item twice): a batch of
+        one command (a batch of events alone is one script call) is that by itself, any
+        other goes in MULTI/EXEC, which adds a third to what a round trip costs in redis-py.
         """
-        events = [op for _, op in batch if isinstance(op, str)]
-        if self._scripting and len(events) == len(batch):
-            return await self._send_script(events)
-        sizes: list[int] = []
+        commands = self._commands(batch)
+        sizes = [size for _, size in commands]
+        if len(commands) == 1:
+            try:
+                reply: object = await self._client.execute_command(  # type: ignore[no-untyped-call]
+                    *commands[0][0])
+            except ResponseError as exc:  # rejected, as inside EXEC: counted, not retried
+                reply = exc
+            return [reply], sizes
         async with self._client.pipeline(transaction=True) as pipe:
-            payloads: list[str] = []
-            for _, op in batch:
-                if isinstance(op, str):
-                    payloads.append(op)
-                    continue
-                self._queue_publishes(pipe, payloads, sizes)
-                for command in op:
-                    pipe.execute_command(*command)
-                    sizes.append(1)
-            self._queue_publishes(pipe, payloads, sizes)
+            for command, _ in commands:
+                pipe.execute_command(*command)
             return await pipe.execute(raise_on_error=False), sizes
 
-    async def _send_script(self, payloads: list[str]) -> tuple[list[object], list[int]]:
-        """Events alone: their script is atomic by itself, and MULTI/EXEC around it would
-        add a third to what a round trip costs in redis-py."""
-        reply: object
-        try:
-            reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
-                *self._publishing.publish_script(payloads))
-        except ResponseError as exc:  # rejected, as inside EXEC: counted, not retried
-            reply = exc
-        return [reply], [len(payloads)]
+    def _commands(self, batch: list[tuple[int, Op]]) -> list[tuple[Command, int]]:
+        """The batch as Redis commands, in order, each with the operations it carries."""
+        commands: list[tuple[Command, int]] = []
+        payloads: list[str] = []
+        for _, op in batch:
+            if isinstance(op, str):
+                payloads.append(op)
+                continue
+            commands += self._publications(payloads)
+            payloads = []
+            commands += [(command, 1) for command in op]
+        return commands + self._publications(payloads)
 
-    def _queue_publishes(self, pipe: Pipeline, payloads: list[str], sizes: list[int]) -> None:
-        """Queue the publication of ``payloads`` (then empty it) on ``pipe``."""
+    def _publications(self, payloads: list[str]) -> list[tuple[Command, int]]:
+        """Consecutive events: one script call, or one command each without scripting."""
+        publishing = self._publishing
         if not payloads:
-            return
+            return []
         if self._scripting:
-            pipe.execute_command(*self._publishing.publish_script(payloads))
-            sizes.append(len(payloads))
-        else:
-            for payload in payloads:
-                pipe.execute_command(*self._publishing.publish_command(payload))
-            sizes.extend([1] * len(payloads))
-        payloads.clear()
+            return [(publishing.publish_script(payloads), len(payloads))]
+        return [(publishing.publish_command(payload), 1) for payload in payloads]
 
     def _report_errors(self, results: list[object], sizes: list[int]) -> None:
         """Count what Redis rejected: every event of a failed script, as some may be lost."""
