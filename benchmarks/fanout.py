@@ -39,7 +39,8 @@ import json
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from statistics import fmean
 from typing import Any
 
 from benchmarks.common import free_port, port_open, wait_for
@@ -382,20 +383,16 @@ def run(quick: bool = False, clients: int = 100, compression: str | None = "defl
                 _session(kind, clients, [*phases, paced] if last else phases, compression))
 
     def mean_of(kind: str, name: str, key: str) -> float:
-        values = [p[key] for s in sessions[kind] for p in s["phases"] if p["phase"] == name]
-        return sum(values) / len(values)
+        return _phase_mean(sessions[kind], name, key)
 
     def first(kind: str, name: str) -> dict[str, Any]:
         return next(p for p in sessions[kind][0]["phases"] if p["phase"] == name)
 
-    def healthy_rate(session: dict[str, Any]) -> float:
-        rates = [_deliveries(p) for p in session["phases"] if p["phase"] == "healthy"]
-        return sum(rates) / len(rates)
-
     throughput = {k: mean_of(k, "healthy", "deliveries_per_s") for k in kinds}
     paced_runs = {k: next(p for p in sessions[k][-1]["phases"] if p["phase"] == "paced")
                   for k in kinds}
-    round_ratios = [healthy_rate(f) / healthy_rate(r)
+    round_ratios = [_phase_mean([f], "healthy", "deliveries_per_s")
+                    / _phase_mean([r], "healthy", "deliveries_per_s")
                     for r, f in zip(sessions["raw"], sessions["flowtrace"], strict=True)]
     summary = {
         "clients": clients,
@@ -403,17 +400,17 @@ def run(quick: bool = False, clients: int = 100, compression: str | None = "defl
         "event_bytes": sessions["flowtrace"][0]["event_bytes"],
         "deliveries_per_s": throughput,
         "events_per_s": {k: v / clients for k, v in throughput.items()},
-        "ratio_vs_raw": sum(round_ratios) / len(round_ratios),
+        "ratio_vs_raw": fmean(round_ratios),
         "ratio_vs_raw_per_round": round_ratios,
         "with_stalled_deliveries_per_s": {
             k: mean_of(k, "stalled", "deliveries_per_s") for k in kinds},
         "stalled_vs_healthy": {
-            k: _mean(_stalled_vs_neighbours(s["phases"], _deliveries) for s in sessions[k])
+            k: fmean(_stalled_vs_neighbours(s["phases"], _deliveries) for s in sessions[k])
             for k in kinds},
         "server_cpu_util": {k: mean_of(k, "healthy", "server_cpu_util") for k in kinds},
         "client_cpu_util": {k: mean_of(k, "healthy", "client_cpu_util") for k in kinds},
         "stalled_vs_healthy_per_cpu": {
-            k: _mean(_stalled_vs_neighbours(s["phases"], _deliveries_per_cpu)
+            k: fmean(_stalled_vs_neighbours(s["phases"], _deliveries_per_cpu)
                      for s in sessions[k])
             for k in kinds},
         "stall_hit_after_s": {k: first(k, "stalled")["stall_hit_after_s"] for k in kinds},
@@ -444,13 +441,13 @@ def _stalled_vs_neighbours(phases: list[dict[str, Any]],
                            rate: Callable[[dict[str, Any]], float]) -> float:
     """The mean over stalled phases of each one's rate over the mean of the healthy phases
     just before and after it."""
-    return _mean(rate(p) / ((rate(phases[i - 1]) + rate(phases[i + 1])) / 2)
+    return fmean(rate(p) / ((rate(phases[i - 1]) + rate(phases[i + 1])) / 2)
                  for i, p in enumerate(phases) if p["phase"] == "stalled")
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def _phase_mean(sessions: list[dict[str, Any]], name: str, key: str) -> float:
+    """The mean of ``key`` over the phases called ``name`` of ``sessions``."""
+    return fmean(p[key] for s in sessions for p in s["phases"] if p["phase"] == name)
 
 
 def main(argv: list[str] | None = None) -> int:
