@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from flowtrace.events import Event, StepStartEvent
 from flowtrace.transport import RedisPubSubTransport, RedisStreamTransport
@@ -405,6 +407,116 @@ async def test_stream_events_redis_rejects_are_counted(redis_server: RedisServer
     assert transport.dropped == {"redis_error": 30}
     assert "WRONGTYPE" in caplog.text
     await transport.close()
+
+
+async def _replica_synced(raw: Redis) -> bool:
+    return (await raw.info("replication")).get("master_link_status") == "up"
+
+
+async def test_stream_events_sent_to_a_replica_wait_for_its_promotion(
+        redis_server: RedisServer, events_redis: RedisServer, no_task_leaks: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """After a failover a publisher may still be connected to the old primary, now a
+    replica, which refuses the script call (READONLY) before running it: the events wait,
+    as in an outage, and arrive once the server takes writes again. None is counted lost."""
+    transport = RedisStreamTransport(events_redis.url, linger_ms=0)
+    await transport.publish(step(0))
+    assert await transport.flush()  # the sender has asked whether the server runs scripts
+    async with Redis.from_url(events_redis.url) as raw:
+        await raw.replicaof("127.0.0.1", redis_server.port)
+        await async_wait_until(lambda: _replica_synced(raw), message="the replica to sync")
+        for n in range(1, 41):
+            await transport.publish(step(n))
+        await async_wait_until(lambda: outage_logs(caplog, "publisher") == 1,
+                               message="the replica to refuse the events")
+        await raw.replicaof("NO", "ONE")
+    await async_wait_until(lambda: transport.flush(timeout=1), message="the buffer to drain")
+    replayed = [index(e) async for e in transport.replay(FROM_BEGINNING)]
+    await transport.close()
+    assert replayed == list(range(1, 41))  # event 0 went with the replica's own data
+    assert transport.dropped == {}
+    assert "ReadOnlyError" in caplog.text
+
+
+async def _busy_script(url: str) -> None:
+    """A script that runs until ``SCRIPT KILL``: meanwhile Redis answers BUSY to others."""
+    async with Redis.from_url(url) as client:
+        with contextlib.suppress(ResponseError):  # "Script killed by user"
+            await client.eval("while true do end", 0)
+
+
+async def _answers_busy(raw: Redis) -> bool:
+    try:
+        await raw.ping()
+    except ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    return False
+
+
+async def test_stream_events_wait_out_a_busy_script(redis_server: RedisServer,
+                                                   no_task_leaks: None,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A script running past ``busy-reply-threshold`` makes Redis answer BUSY to every
+    command: to a batch (a transaction, here, with an item count), and to a new sender's
+    question whether the server runs scripts. Both senders keep their events and deliver
+    them, still by script, once the busy script is gone."""
+    asked = RedisStreamTransport(redis_server.url, stream="asked", linger_ms=0)
+    await asked.publish(step(0))
+    assert await asked.flush()
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.config_set("busy-reply-threshold", 50)
+        busy = asyncio.create_task(_busy_script(redis_server.url))
+        await async_wait_until(lambda: _answers_busy(raw), message="Redis to answer BUSY")
+        new = RedisStreamTransport(redis_server.url, stream="new", linger_ms=0)
+        for n in range(1, 31):
+            await asked.publish(step(n))
+            await new.publish(step(n))
+        asked.count_item("run:1", failed=False)  # its batch is a transaction now
+        for stream in ("asked", "new"):
+            await async_wait_until(lambda s=stream: outage_logs(caplog, f"({s})") == 1,
+                                   message=f"BUSY for the {stream} sender")
+        await raw.script_kill()
+        await busy
+    for transport, first in ((asked, 0), (new, 1)):
+        await async_wait_until(lambda t=transport: t.flush(timeout=1),
+                               message="the buffer to drain")
+        assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(first, 31))
+        assert transport.dropped == {}
+        await transport.close()
+    async with Redis.from_url(redis_server.url) as raw:
+        assert await raw.hget("flowtrace:items:run:1", "done") == b"1"
+    assert "BUSY" in caplog.text
+    assert "runs no scripts" not in caplog.text
+
+
+async def test_stream_scripting_denied_mid_session_still_delivers(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """An ACL that takes scripting away after the sender asked: the refused script call
+    (alone, or in a transaction with an item count) makes the sender ask again, and the
+    same batch goes one command per event. Nothing is lost or counted twice."""
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.acl_setuser("publisher", enabled=True, nopass=True, keys=["~*"],
+                              channels=["*"], commands=["+@all"])
+        url = f"redis://publisher@127.0.0.1:{redis_server.port}/0"
+        alone = RedisStreamTransport(url, stream="alone", linger_ms=600_000)
+        mixed = RedisStreamTransport(url, stream="mixed", linger_ms=600_000)
+        for transport in (alone, mixed):
+            await transport.publish(step(0))
+            assert await transport.flush(timeout=10)
+        await raw.acl_setuser("publisher", commands=["-@scripting"])
+        for n in range(1, 41):
+            await alone.publish(step(n))
+            await mixed.publish(step(n))
+            if n % 20 == 0:
+                mixed.count_item("run:1", failed=False)
+        assert await alone.flush(timeout=10)
+        assert await mixed.flush(timeout=10)  # False: its refused transaction retried forever
+        assert await raw.hget("flowtrace:items:run:1", "done") == b"2"
+    for transport in (alone, mixed):
+        assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(41))
+        assert transport.dropped == {}
+        await transport.close()
+    assert caplog.text.count("runs no scripts") == 2
 
 
 def test_stream_rejects_a_negative_linger() -> None:

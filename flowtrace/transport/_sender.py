@@ -9,9 +9,10 @@ one round trip for dozens of them, not one each. Consecutive events of a batch g
 Redis as one Lua script call that publishes each (where the server runs scripts):
 redis-py packs and parses every command in Python, and one command per event cost the
 worker six times the CPU. A batch that is one command (events alone: one script call)
-goes as it is; any other batch is a MULTI/EXEC transaction. While Redis is unreachable
-the task keeps the buffer (dropping the oldest operations beyond ``buffer_size``),
-retries with exponential backoff and logs once per outage.
+goes as it is; any other batch is a MULTI/EXEC transaction. While Redis is unreachable,
+or reachable but unable to take writes (a replica after a failover, a script running too
+long, memory full), the task keeps the buffer (dropping the oldest operations beyond
+``buffer_size``), retries with exponential backoff and logs once per outage.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from flowtrace.events import BaseEvent, Event, InvalidEvent, parse_event
 from flowtrace.transport.base import Transport
@@ -52,6 +60,28 @@ BACKOFF_MAX_S = 5.0
 def describe(exc: BaseException) -> str:
     """``Type: message`` (redis-py 8's ``repr`` of its errors is only ``server:ResponseError``)."""
     return f"{type(exc).__name__}: {exc}"
+
+
+_CANNOT_WRITE_NOW = (ReadOnlyError, MasterDownError, OutOfMemoryError, TryAgainError,
+                     ClusterDownError)
+_ANNOTATION = " of pipeline caused error: "
+
+
+def server_text(exc: BaseException) -> str:
+    """An error's text as the server sent it: inside a transaction redis-py rewrites it as
+    ``Command # 1 (...) of pipeline caused error: ('<text>',)``."""
+    text = str(exc)
+    _, annotated, original = text.rpartition(_ANNOTATION)
+    return original.lstrip("('\"") if annotated else text
+
+
+def cannot_write_now(exc: BaseException) -> bool:
+    """Whether Redis refused a command for its own state, not the command's: a replica (after
+    a failover), a script running past ``busy-reply-threshold``, full memory. Such a
+    refusal comes before anything runs, so the batch is kept and sent again."""
+    if isinstance(exc, _CANNOT_WRITE_NOW):
+        return True
+    return isinstance(exc, ResponseError) and server_text(exc).startswith("BUSY ")
 
 
 def make_client(url: str, socket_timeout: float) -> Redis:
@@ -275,7 +305,7 @@ class BatchSender:
             try:
                 if self._scripting is None:
                     self._scripting = await self._runs_scripts()
-                results, sizes = await self._send(self._in_flight)
+                results, sizes = await self._send_applied(self._in_flight)
             except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, back off, retry
                 check_cancelled()
                 self._outage.failed(exc)
@@ -305,12 +335,41 @@ class BatchSender:
         try:
             await self._client.eval("return 1", 0)
         except ResponseError as exc:
+            if cannot_write_now(exc):  # busy, not refusing: ask again once it answers
+                raise
             log.warning("flowtrace: %s: Redis runs no scripts (%s); publishing one command "
                         "per event", self._outage.what, describe(exc))
             return False
         finally:
             check_cancelled()
         return True
+
+    async def _send_applied(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
+        """:meth:`_send`, raising when Redis cannot take writes now (the batch is retried), and
+        sending the batch again, one command per event, when the server stopped running scripts
+        since it was asked (a changed ACL or configuration): both refusals applied nothing."""
+        try:
+            results, sizes = await self._send(batch)
+        except ResponseError as exc:  # a transaction refused before it ran
+            if not await self._scripting_lost(exc):
+                raise
+            return await self._send_applied(batch)  # once: scripting is off now
+        refused = next((r for r in results if isinstance(r, ResponseError)), None)
+        if refused is None:
+            return results, sizes
+        if cannot_write_now(refused):
+            raise refused
+        if await self._scripting_lost(refused):
+            return await self._send_applied(batch)
+        return results, sizes
+
+    async def _scripting_lost(self, refusal: ResponseError) -> bool:
+        """Whether the server refused the publish script itself: asked again (an error inside
+        the script, a key of the wrong type say, leaves scripting as it was)."""
+        if not self._scripting or cannot_write_now(refusal):
+            return False
+        self._scripting = await self._runs_scripts()
+        return not self._scripting
 
     async def _send(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
         """Each command's reply, and how many operations each command carried.
