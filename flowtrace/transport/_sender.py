@@ -305,7 +305,7 @@ class BatchSender:
             try:
                 if self._scripting is None:
                     self._scripting = await self._runs_scripts()
-                results, sizes = await self._send_applied(self._in_flight)
+                results, sizes = await self._deliver(self._in_flight)
             except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, back off, retry
                 check_cancelled()
                 self._outage.failed(exc)
@@ -344,7 +344,7 @@ class BatchSender:
             check_cancelled()
         return True
 
-    async def _send_applied(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
+    async def _deliver(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
         """:meth:`_send`, raising when Redis cannot take writes now (the batch is retried), and
         sending the batch again, one command per event, when the server stopped running scripts
         since it was asked (a changed ACL or configuration): both refusals applied nothing."""
@@ -353,14 +353,14 @@ class BatchSender:
         except ResponseError as exc:  # a transaction refused before it ran
             if not await self._scripting_lost(exc):
                 raise
-            return await self._send_applied(batch)  # once: scripting is off now
+            return await self._deliver(batch)  # once: scripting is off now
         refused = next((r for r in results if isinstance(r, ResponseError)), None)
         if refused is None:
             return results, sizes
         if cannot_write_now(refused):
             raise refused
         if await self._scripting_lost(refused):
-            return await self._send_applied(batch)
+            return await self._deliver(batch)
         return results, sizes
 
     async def _scripting_lost(self, refusal: ResponseError) -> bool:
