@@ -522,6 +522,30 @@ async def test_stream_scripting_denied_mid_session_still_delivers(
     assert caplog.text.count("runs no scripts") == 2
 
 
+async def test_stream_batch_redis_refuses_whole_is_counted_and_later_ones_go(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A transaction Redis refuses for good before it runs (an ACL denying the item
+    counter): its events and its count are counted as dropped, once each, and the batches
+    after it are sent, not stuck behind it."""
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.acl_setuser("publisher", enabled=True, nopass=True, keys=["~*"],
+                              channels=["*"], commands=["+@all", "-hincrby"])
+    url = f"redis://publisher@127.0.0.1:{redis_server.port}/0"
+    transport = RedisStreamTransport(url, linger_ms=600_000)
+    for n in range(10):
+        await transport.publish(step(n))
+    transport.count_item("run:1", failed=False)
+    assert await transport.flush(timeout=10)
+    for n in range(10, 15):
+        await transport.publish(step(n))
+    assert await transport.flush(timeout=10)
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(10, 15))
+    assert transport.dropped == {"redis_error": 11}
+    assert "NoPermissionError" in caplog.text
+    assert "runs no scripts" not in caplog.text
+    await transport.close()
+
+
 def test_stream_rejects_a_negative_linger() -> None:
     with pytest.raises(ValueError, match="linger"):
         RedisStreamTransport("redis://127.0.0.1:1/0", linger_ms=-1)

@@ -345,53 +345,42 @@ class BatchSender:
         return True
 
     async def _deliver(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
-        """:meth:`_send`, raising when Redis cannot take writes now (the batch is retried), and
-        sending the batch again, one command per event, when the server stopped running scripts
-        since it was asked (a changed ACL or configuration): both refusals applied nothing."""
-        try:
-            results, sizes = await self._send(batch)
-        except ResponseError as exc:  # a transaction refused before it ran
-            if not await self._scripting_lost(exc):
-                raise
-            return await self._deliver(batch)  # once: scripting is off now
-        refused = next((r for r in results if isinstance(r, ResponseError)), None)
-        if refused is None:
-            return results, sizes
-        if cannot_write_now(refused):
-            raise refused
-        if await self._scripting_lost(refused):
-            return await self._deliver(batch)
-        return results, sizes
-
-    async def _scripting_lost(self, refusal: ResponseError) -> bool:
-        """Whether the server refused the publish script itself: asked again (an error inside
-        the script, a key of the wrong type say, leaves scripting as it was)."""
-        if not self._scripting or cannot_write_now(refusal):
-            return False
-        self._scripting = await self._runs_scripts()
-        return not self._scripting
-
-    async def _send(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
         """Each command's reply, and how many operations each command carried.
 
         A batch is applied whole or not at all, so resending one that a dropped connection
         cut off does not duplicate its first events (nor count an item twice): a batch of
         one command (a batch of events alone is one script call) is that by itself, any
         other goes in MULTI/EXEC, which adds a third to what a round trip costs in redis-py.
+        A refusal of the whole batch (its one command, or the transaction before it ran)
+        applied nothing: raised when Redis cannot take writes now (the batch is retried);
+        the batch sent again one command per event when the server stopped running scripts
+        since it was asked (a changed ACL or configuration); else every command's reply.
         """
         commands = self._commands(batch)
         sizes = [size for _, size in commands]
-        if len(commands) == 1:
-            try:
+        try:
+            if len(commands) == 1:
                 reply: object = await self._client.execute_command(  # type: ignore[no-untyped-call]
                     *commands[0][0])
-            except ResponseError as exc:  # rejected, as inside EXEC: counted, not retried
-                reply = exc
-            return [reply], sizes
-        async with self._client.pipeline(transaction=True) as pipe:
-            for command, _ in commands:
-                pipe.execute_command(*command)
-            return await pipe.execute(raise_on_error=False), sizes
+                return [reply], sizes
+            async with self._client.pipeline(transaction=True) as pipe:
+                for command, _ in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute(raise_on_error=False), sizes  # errors as replies
+        except ResponseError as refusal:
+            if cannot_write_now(refusal):
+                raise
+            if await self._scripting_lost():
+                return await self._deliver(batch)  # once: scripting is off now
+            return [refusal] * len(commands), sizes
+
+    async def _scripting_lost(self) -> bool:
+        """Whether the server refused the publish script itself: asked again (an error inside
+        the script, a key of the wrong type say, leaves scripting as it was)."""
+        if not self._scripting:
+            return False
+        self._scripting = await self._runs_scripts()
+        return not self._scripting
 
     def _commands(self, batch: list[tuple[int, Op]]) -> list[tuple[Command, int]]:
         """The batch as Redis commands, in order, each with the operations it carries."""
@@ -403,7 +392,8 @@ class BatchSender:
                 continue
             commands += self._publications(payloads)
             payloads = []
-            commands += [(command, 1) for command in op]
+            # The operation is counted once, on its first command (HINCRBY, not EXPIRE).
+            commands += [(command, int(i == 0)) for i, command in enumerate(op)]
         return commands + self._publications(payloads)
 
     def _publications(self, payloads: list[str]) -> list[tuple[Command, int]]:
