@@ -14,7 +14,6 @@ from flowtrace.hooks import HookManager
 from flowtrace.middleware import FlowtraceMiddleware
 from flowtrace.transport.base import Transport
 from flowtrace.transport.memory import InMemoryTransport
-from flowtrace.transport.redis_stream import RedisStreamTransport
 
 logger = logging.getLogger("flowtrace")
 
@@ -37,7 +36,7 @@ def instrument(
     """
     url = redis_url or os.environ.get("FLOWTRACE_REDIS_URL")
     if transport is None:
-        transport = RedisStreamTransport(url) if url else InMemoryTransport()
+        transport = _redis_transport(url) if url else InMemoryTransport()
     middleware = FlowtraceMiddleware(
         hooks=hooks, transport=transport, service_name=service_name,
         capture_payloads=capture_payloads, max_payload_bytes=max_payload_bytes, redact=redact,
@@ -47,6 +46,12 @@ def instrument(
     if metrics_port is not None:
         _serve_metrics_on_startup(broker, metrics_port)
     return middleware
+
+
+def _redis_transport(url: str) -> Transport:
+    from flowtrace.transport.redis_stream import RedisStreamTransport  # loads the Redis client
+
+    return RedisStreamTransport(url)
 
 
 def _serve_metrics_on_startup(broker: AsyncBroker, port: int) -> None:

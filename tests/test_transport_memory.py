@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flowtrace.transport
 from flowtrace.events import Event, PipelineCompleteEvent, PipelineStartEvent, StepStartEvent
 from flowtrace.transport import InMemoryTransport
 from flowtrace.transport.base import FROM_BEGINNING, id_sort_key
+from tests.support.processes import test_env
 from tests.support.waiting import async_wait_until
 
 
@@ -228,3 +232,46 @@ def test_resume_matches_ring_contents(maxlen: int, published: int, since_seq: in
         assert replayed == [n for n in retained if n > since_seq]
 
     asyncio.run(scenario())
+
+
+_IN_MEMORY_PROCESS = """
+import asyncio, sys
+from taskiq import InMemoryBroker
+import flowtrace
+from flowtrace.app import create_app
+
+broker = InMemoryBroker()
+middleware = flowtrace.instrument(broker)
+
+@broker.task
+async def add(a: int, b: int) -> int:
+    return a + b
+
+async def main() -> None:
+    await broker.startup()
+    task = await add.kiq(1, 2)
+    assert (await task.wait_result(timeout=10)).return_value == 3
+    await broker.shutdown()
+
+asyncio.run(main())
+create_app(transport=middleware.transport)
+events = [fields["type"] for fields in middleware.transport._ring]
+assert events[-1] == "PipelineCompleteEvent", events
+print("redis" in sys.modules)
+from flowtrace.transport import RedisPubSubTransport, RedisStreamTransport
+redis_broker = InMemoryBroker()
+with_redis = flowtrace.instrument(redis_broker, redis_url="redis://127.0.0.1:1/0")
+print(type(with_redis.transport) is RedisStreamTransport, "redis" in sys.modules)
+"""
+
+
+def test_a_process_with_events_in_memory_does_not_load_the_redis_client() -> None:
+    """The Redis client (≈ 60 ms and 7 MiB per process) is loaded only by a process that uses
+    a Redis transport; ``flowtrace.transport`` still exports both Redis classes."""
+    done = subprocess.run([sys.executable, "-c", _IN_MEMORY_PROCESS], env=test_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]
+    with pytest.raises(AttributeError, match="has no attribute 'RedisTransport'"):
+        _ = flowtrace.transport.RedisTransport  # type: ignore[attr-defined]
