@@ -252,11 +252,11 @@ async def main() -> None:
     task = await add.kiq(1, 2)
     assert (await task.wait_result(timeout=10)).return_value == 3
     await broker.shutdown()
+    events = [event.type async for event in middleware.transport.replay("0-0")]
+    assert events[-1] == "PipelineCompleteEvent", events
 
 asyncio.run(main())
 create_app(transport=middleware.transport)
-events = [fields["type"] for fields in middleware.transport._ring]
-assert events[-1] == "PipelineCompleteEvent", events
 print("redis" in sys.modules)
 from flowtrace.transport import RedisPubSubTransport, RedisStreamTransport
 redis_broker = InMemoryBroker()
