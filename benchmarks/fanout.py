@@ -368,8 +368,8 @@ def run(quick: bool = False, clients: int = 100, compression: str | None = "defl
     stalled = {**healthy, "name": "stalled", "stalled": True, "warmup": 0.0}
     paced = {"name": "paced", "kind": "paced", "rate": rate, "duration": duration}
     # Each stalled phase sits between two healthy ones and is compared with them, and the
-    # servers take turns (raw, flowtrace, raw, flowtrace): the host's speed may drift
-    # within a minute by more than what is measured.
+    # servers take turns (see the module doc): the host's speed may drift within a minute
+    # by more than what is measured.
     # A session's first seconds are slower (its run store and ring still filling, ~10 %
     # for flowtrace): a healthy phase that is not counted comes first.
     warm_up = {**healthy, "name": "warm-up"}

@@ -6,8 +6,9 @@ Attributes are imported lazily so that ``import flowtrace.events`` stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from flowtrace._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -26,11 +27,7 @@ if TYPE_CHECKING:
     from flowtrace.pipeline import Pipeline
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'flowtrace' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
 
 
 __all__ = ["EventFilter", "FlowtraceMiddleware", "HookManager", "Pipeline", "instrument"]

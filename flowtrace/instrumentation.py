@@ -9,6 +9,7 @@ from typing import Any
 
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
+import flowtrace.transport as transports
 from flowtrace import metrics
 from flowtrace.hooks import HookManager
 from flowtrace.middleware import FlowtraceMiddleware
@@ -36,7 +37,8 @@ def instrument(
     """
     url = redis_url or os.environ.get("FLOWTRACE_REDIS_URL")
     if transport is None:
-        transport = _redis_transport(url) if url else InMemoryTransport()
+        # The Redis client is loaded only here, when events go to Redis.
+        transport = transports.RedisStreamTransport(url) if url else InMemoryTransport()
     middleware = FlowtraceMiddleware(
         hooks=hooks, transport=transport, service_name=service_name,
         capture_payloads=capture_payloads, max_payload_bytes=max_payload_bytes, redact=redact,
@@ -46,12 +48,6 @@ def instrument(
     if metrics_port is not None:
         _serve_metrics_on_startup(broker, metrics_port)
     return middleware
-
-
-def _redis_transport(url: str) -> Transport:
-    from flowtrace.transport.redis_stream import RedisStreamTransport  # loads the Redis client
-
-    return RedisStreamTransport(url)
 
 
 def _serve_metrics_on_startup(broker: AsyncBroker, port: int) -> None:

@@ -331,7 +331,8 @@ class BatchSender:
         check_cancelled()  # wait_for, too, can lose a cancel() on Python < 3.12
 
     async def _runs_scripts(self) -> bool:
-        """Ask the server once: scripting may be disabled, or denied to this user by an ACL."""
+        """Ask the server whether it runs scripts: scripting may be disabled, or denied to this
+        user by an ACL. Asked before the first batch, and again when a script call is refused."""
         try:
             await self._client.eval("return 1", 0)
         except ResponseError as exc:
