@@ -1,11 +1,13 @@
 """Worker overhead on a real broker: no-op tasks/s of a ``taskiq worker`` process on Redis.
 
 :mod:`benchmarks.overhead` measures on the in-memory broker, where taskiq's own work per
-message is all there is. Here each variant (bare, otel_prom, flowtrace; see
-:mod:`benchmarks.broker_app`) has its own ``taskiq worker --workers 1`` process on a
-private ``redis-server``: a ``RedisStreamBroker`` queue and a Redis result backend, the
+message is all there is. Here each variant (see :mod:`benchmarks.broker_app`) has its
+own ``taskiq worker --workers 1`` process on a private ``redis-server``: a
+``RedisStreamBroker`` queue and a Redis result backend, the
 setup of ``examples/brokers/redis_stream.py`` with taskiq-redis's default read size.
-flowtrace publishes its events to the same Redis, as a fleet's workers do.
+flowtrace publishes its events to the same Redis, as a fleet's workers do;
+``flowtrace_in_process`` keeps them in the worker, so that the difference between the two
+is what publishing costs a worker.
 
 One sample: the worker is stopped (``SIGSTOP``), N no-op messages are kicked by a broker
 with the variant's middlewares (so the messages carry what an instrumented kicker

@@ -5,7 +5,8 @@ the middlewares of one variant, chosen by the parent through the environment:
 
 - ``FLOWTRACE_BENCH_VARIANT``: ``bare``, ``otel_prom`` or ``flowtrace`` (as in
   :mod:`benchmarks.overhead`; flowtrace publishes its events to the queue's Redis, as a
-  fleet's workers do);
+  fleet's workers do), or ``flowtrace_in_process``: flowtrace with its events kept in the
+  process (the in-memory transport), to show what publishing them to Redis costs;
 - ``FLOWTRACE_BENCH_REDIS``: the queue's (and flowtrace's) Redis;
   ``FLOWTRACE_BENCH_RESULTS``: the results' database; ``FLOWTRACE_BENCH_QUEUE``: the stream.
 
@@ -30,7 +31,7 @@ from benchmarks.overhead import otel_prom_middlewares, span_provider
 from examples.brokers.settings import redis_broker_connection
 from flowtrace import FlowtraceMiddleware
 
-VARIANTS = ("bare", "otel_prom", "flowtrace")
+VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_in_process")
 VARIANT_ENV = "FLOWTRACE_BENCH_VARIANT"
 
 
@@ -68,6 +69,8 @@ def add_middlewares(broker: AsyncBroker, variant: str, url: str,
                                                       metrics_dir))
     if variant == "flowtrace":
         return flowtrace.instrument(broker, redis_url=url)  # as a fleet's worker does
+    if variant == "flowtrace_in_process":
+        return flowtrace.instrument(broker)  # events stay in this process's ring
     return None
 
 

@@ -131,6 +131,11 @@ def _summary_table(results: dict[str, Any]) -> str:
         rows.append(["overhead on Redis: noop, flowtrace vs otel+prom / bare", "-",
                      f"{flowtrace['otel_prom']:.2f}x / {flowtrace['bare']:.2f}x "
                      f"({b['median']['per_s']['flowtrace']:,.0f} tasks/s)", "-"])
+        in_process = b["ratios"]["per_s"].get("flowtrace_in_process")
+        if in_process:
+            rows.append(["overhead on Redis: noop, flowtrace with its events kept in process,"
+                         " vs otel+prom / bare", "-",
+                         f"{in_process['otel_prom']:.2f}x / {in_process['bare']:.2f}x", "-"])
     f = results.get("fanout")
     if f:
         s = f["summary"]
