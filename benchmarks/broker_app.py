@@ -30,6 +30,7 @@ import flowtrace
 from benchmarks.overhead import otel_prom_middlewares, span_provider
 from examples.brokers.settings import redis_broker_connection
 from flowtrace import FlowtraceMiddleware
+from flowtrace.transport import InMemoryTransport
 
 VARIANTS = ("bare", "otel_prom", "flowtrace", "flowtrace_in_process")
 VARIANT_ENV = "FLOWTRACE_BENCH_VARIANT"
@@ -70,7 +71,8 @@ def add_middlewares(broker: AsyncBroker, variant: str, url: str,
     if variant == "flowtrace":
         return flowtrace.instrument(broker, redis_url=url)  # as a fleet's worker does
     if variant == "flowtrace_in_process":
-        return flowtrace.instrument(broker)  # events stay in this process's ring
+        # Named, not defaulted: FLOWTRACE_REDIS_URL in the environment must not send them.
+        return flowtrace.instrument(broker, transport=InMemoryTransport())
     return None
 
 
