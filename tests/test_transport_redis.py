@@ -376,14 +376,20 @@ async def test_stream_batch_of_events_alone_needs_no_transaction(
     await transport.close()
 
 
+async def _user_url(raw: Redis, server: RedisServer, name: str, *commands: str) -> str:
+    """The URL of ACL user ``name`` (created or changed), allowed every key and channel and
+    the given ``commands`` rules."""
+    await raw.acl_setuser(name, enabled=True, nopass=True, keys=["~*"], channels=["*"],
+                          commands=list(commands))
+    return f"redis://{name}@127.0.0.1:{server.port}/0"
+
+
 async def test_stream_without_scripting_publishes_each_event(
         redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     """A server (or an ACL) that runs no scripts still gets every event, one XADD each."""
     async with Redis.from_url(redis_server.url) as raw:
-        await raw.acl_setuser("noscripts", enabled=True, nopass=True, keys=["~*"],
-                              channels=["*"], commands=["+@all", "-@scripting"])
+        url = await _user_url(raw, redis_server, "noscripts", "+@all", "-@scripting")
         await raw.config_resetstat()
-        url = f"redis://noscripts@127.0.0.1:{redis_server.port}/0"
         transport = RedisStreamTransport(url, maxlen=150, approximate=False)
         for n in range(200):
             await transport.publish(step(n))
@@ -498,9 +504,7 @@ async def test_stream_scripting_denied_mid_session_still_delivers(
     (alone, or in a transaction with an item count) makes the sender ask again, and the
     same batch goes one command per event. Nothing is lost or counted twice."""
     async with Redis.from_url(redis_server.url) as raw:
-        await raw.acl_setuser("publisher", enabled=True, nopass=True, keys=["~*"],
-                              channels=["*"], commands=["+@all"])
-        url = f"redis://publisher@127.0.0.1:{redis_server.port}/0"
+        url = await _user_url(raw, redis_server, "publisher", "+@all")
         alone = RedisStreamTransport(url, stream="alone", linger_ms=600_000)
         mixed = RedisStreamTransport(url, stream="mixed", linger_ms=600_000)
         for transport in (alone, mixed):
@@ -528,9 +532,7 @@ async def test_stream_batch_redis_refuses_whole_is_counted_and_later_ones_go(
     counter): its events and its count are counted as dropped, once each, and the batches
     after it are sent, not stuck behind it."""
     async with Redis.from_url(redis_server.url) as raw:
-        await raw.acl_setuser("publisher", enabled=True, nopass=True, keys=["~*"],
-                              channels=["*"], commands=["+@all", "-hincrby"])
-    url = f"redis://publisher@127.0.0.1:{redis_server.port}/0"
+        url = await _user_url(raw, redis_server, "publisher", "+@all", "-hincrby")
     transport = RedisStreamTransport(url, linger_ms=600_000)
     for n in range(10):
         await transport.publish(step(n))
