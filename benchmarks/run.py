@@ -127,15 +127,14 @@ def _summary_table(results: dict[str, Any]) -> str:
         rows.append(["instructions per no-op task (valgrind)", "-", i["skipped"], "-"])
     b = results.get("broker")
     if b:
-        flowtrace = b["ratios"]["per_s"]["flowtrace"]
-        rows.append(["overhead on Redis: noop, flowtrace vs otel+prom / bare", "-",
-                     f"{flowtrace['otel_prom']:.2f}x / {flowtrace['bare']:.2f}x "
-                     f"({b['median']['per_s']['flowtrace']:,.0f} tasks/s)", "-"])
-        in_process = b["ratios"]["per_s"].get("flowtrace_in_process")
-        if in_process:
-            rows.append(["overhead on Redis: noop, flowtrace with its events kept in process,"
-                         " vs otel+prom / bare", "-",
-                         f"{in_process['otel_prom']:.2f}x / {in_process['bare']:.2f}x", "-"])
+        redis_rows = (("flowtrace", "flowtrace"),
+                      ("flowtrace_in_process", "flowtrace with its events kept in process,"))
+        for variant, what in redis_rows:
+            ratios = b["ratios"]["per_s"].get(variant)
+            if ratios:
+                rows.append([f"overhead on Redis: noop, {what} vs otel+prom / bare", "-",
+                             f"{ratios['otel_prom']:.2f}x / {ratios['bare']:.2f}x "
+                             f"({b['median']['per_s'][variant]:,.0f} tasks/s)", "-"])
     f = results.get("fanout")
     if f:
         s = f["summary"]
