@@ -180,6 +180,37 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """The machine's (steal, all) CPU time since boot, from ``/proc/stat``'s first line."""
+    try:
+        with open("/proc/stat") as stat:
+            # user nice system idle iowait irq softirq steal (guest time is inside user)
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+class HostSteal:
+    """The share of this machine's CPU time that its hypervisor gave to other guests
+    ("steal") since this object was made.
+
+    On a shared host, steal is what moves a latency tail or a throughput between runs of
+    the same code; the benchmarks record it beside their numbers so that a reader can
+    tell the host's share from flowtrace's.
+    """
+
+    def __init__(self) -> None:
+        self._start = _cpu_jiffies()
+
+    def percent(self) -> float | None:
+        """Steal as a percentage of all CPU time so far; None where ``/proc/stat`` is not."""
+        end = _cpu_jiffies()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return None
+        return 100 * (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+
 @contextlib.contextmanager
 def timed(label: str) -> Iterator[None]:
     start = time.monotonic()

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from statistics import fmean, median
 from typing import Any
 
-from benchmarks.common import free_port, port_open, wait_for
+from benchmarks.common import HostSteal, free_port, port_open, wait_for
 from benchmarks.wsload import run_clients
 
 PAD = 860  # bytes of padding: the event's JSON is ~1 KB
@@ -323,7 +323,7 @@ def _session(kind: str, clients: int, phases: list[dict[str, Any]],
                 client_proc.ask("stall")
                 server.ask("wait_subscribed", clients + 1)
             client_proc.ask("reset")
-            base = delivered.value
+            base, steal = delivered.value, HostSteal()
             if params["kind"] == "throughput":
                 result = server.ask("throughput", params["duration"], params["warmup"],
                                     clients, params["window"], bool(params.get("stalled")),
@@ -331,6 +331,7 @@ def _session(kind: str, clients: int, phases: list[dict[str, Any]],
             else:
                 result = server.ask("paced", params["rate"], params["duration"],
                                     timeout=params["duration"] + 60)[1]
+            result["host_steal_pct"] = steal.percent()
             quiet = server.ask("quiesce", base + clients * result["published"], timeout=90)[1]
             report = client_proc.ask("report")[1]
             if params.get("stalled"):

@@ -25,6 +25,7 @@ import urllib.request
 from typing import Any
 
 from benchmarks.common import (
+    HostSteal,
     RedisServer,
     free_port,
     port_open,
@@ -131,7 +132,7 @@ def run(quick: bool = False, duration: float | None = None) -> dict[str, Any]:
                   f"for {duration:.0f} s -> Redis -> flowtrace serve -> {CLIENTS} clients",
                   flush=True)
             gateway_cpu0 = _cpu_seconds(gateway.pid)
-            started = time.monotonic()
+            started, steal = time.monotonic(), HostSteal()
             publishers = [
                 python_child(["-c", "import sys; from benchmarks.fleet import publisher_main; "
                               "publisher_main(sys.argv[1], float(sys.argv[2]), "
@@ -156,7 +157,7 @@ def run(quick: bool = False, duration: float | None = None) -> dict[str, Any]:
                 elif time.monotonic() - since > 5:
                     break
                 time.sleep(0.05)
-            elapsed = time.monotonic() - started
+            elapsed, steal_pct = time.monotonic() - started, steal.percent()
             gateway_cpu = _cpu_seconds(gateway.pid) - gateway_cpu0
             report = clients.ask("report")[1]
             ws = _ws_metrics(port)
@@ -183,6 +184,7 @@ def run(quick: bool = False, duration: float | None = None) -> dict[str, Any]:
         "latency_ms": latency,
         "gateway_cpu_util": gateway_cpu / elapsed,
         "gateway_ws_dropped": ws.get("messages_dropped"),
+        "host_steal_pct": steal_pct,
     }
     targets = {
         "fleet: p99 < 50 ms": latency.get("p99_ms", float("inf")) < 50,

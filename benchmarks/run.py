@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_PATH, flowtrace_location, machine, table, write_json
+from benchmarks.common import (
+    RESULTS_PATH,
+    HostSteal,
+    flowtrace_location,
+    machine,
+    table,
+    write_json,
+)
 
 BENCHMARKS = ("overhead", "instructions", "broker", "fanout", "fleet", "memory")
 NEEDS = {"psutil": "taskiq's OpenTelemetryMiddleware (taskiq[opentelemetry])",
@@ -152,7 +159,8 @@ def _summary_table(results: dict[str, Any]) -> str:
         s = fl["summary"]
         rows.append(["fleet: p99 end-to-end latency", "< 50 ms",
                      f"{s['latency_ms'].get('p99_ms', float('nan')):.1f} ms "
-                     f"(p50 {s['latency_ms'].get('p50_ms', float('nan')):.1f} ms)",
+                     f"(p50 {s['latency_ms'].get('p50_ms', float('nan')):.1f} ms, "
+                     f"host steal {_percent(s.get('host_steal_pct'))})",
                      _met(fl["targets"], "p99")])
         rows.append(["fleet: loss per client", "0",
                      f"{s['lost_per_client']['max']} of {s['published']:,}",
@@ -208,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"== {name}", flush=True)
-        t = time.monotonic()
+        t, steal = time.monotonic(), HostSteal()
         results[name] = module.run(args.quick)
         results[name]["seconds"] = time.monotonic() - t
+        results[name]["host_steal_pct"] = steal.percent()
         write_json(args.output, results)  # partial results survive a later failure
     results["seconds"] = time.monotonic() - started
     load = _loadavg()
@@ -220,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     m = results["machine"]
     print(f"\nmachine: {m['nproc']} CPUs, {m['cpu']}, Python {m['python']}, "
           f"load average {m.get('loadavg_at_start')} -> {m.get('loadavg_at_end')}")
+    print("host steal (CPU time the hypervisor gave to other guests): " + ", ".join(
+        f"{name} {_percent(results[name]['host_steal_pct'])}" for name in chosen))
     if "overhead" in results:
         print("\nWorker overhead (InMemoryBroker, medians of "
               f"{results['overhead']['samples_per_cell']} samples; ratios: medians of "
@@ -240,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_summary_table(results))
     print(f"\n{args.output} written ({results['seconds']:.0f} s)")
     return 0
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} %"
 
 
 def _loadavg() -> list[float] | None:
