@@ -88,8 +88,10 @@ def _payload(kind: str) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- server
 async def _server(kind: str, port: int, conn: Any, delivered: Any) -> None:
     import uvicorn
+    from starlette.applications import Starlette
 
     make, sample = _payload(kind)
+    app: Starlette  # flowtrace's FastAPI app or the raw broadcaster's Starlette one
     if kind == "flowtrace":
         from flowtrace.app import create_app
         from flowtrace.transport.memory import InMemoryTransport
