@@ -41,6 +41,13 @@ _now, _UTC, _time_ns, _perf_ns = datetime.now, timezone.utc, time.time_ns, time.
 
 class _Execution:
     __slots__ = ("duration_ms", "ids", "perf_ns", "run", "span", "span_token", "token")
+    duration_ms: float
+    ids: dict[str, Any]
+    perf_ns: int
+    run: RunContext
+    span: SpanRecord
+    span_token: Any
+    token: contextvars.Token[_Execution | None]
 
 
 class FloorMiddleware(TaskiqMiddleware):
@@ -73,13 +80,14 @@ class FloorMiddleware(TaskiqMiddleware):
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         now, execution = _time_ns(), _Execution()
-        run = execution.run = RunContext.decode(message.labels[RUN_LABEL])
+        run = RunContext.decode(message.labels[RUN_LABEL])
         assert run is not None  # every message went through pre_send
+        execution.run = run
         execution.perf_ns = _perf_ns()
         span = execution.span = SpanRecord(
             run.name, run.trace_id, run.root_span_id, 0, run.started_ns, True, SpanKind.CONSUMER,
             _step_attributes(run, run.name, 0, 1, message.task_id),
-            ("PipelineStartEvent", 1, run.started_ns))
+            ["PipelineStartEvent", 1, run.started_ns])
         execution.ids = _event_ids(run, span)
         execution.token, execution.span_token = self._current.set(execution), make_current(span)
         sent = kicked_at(message.labels) or now

@@ -124,7 +124,7 @@ async def _many_runs(runs: int, samples: int) -> dict[str, Any]:
         start = time.monotonic()
         for i in range(runs):
             pid = f"{i:08x}-memory-bench-run"
-            common = {"pipeline_id": pid, "pipeline_name": f"etl_{i % 5}",
+            common: dict[str, Any] = {"pipeline_id": pid, "pipeline_name": f"etl_{i % 5}",
                       "pipeline_type": "task", "trace_id": f"{i:032x}", "span_id": f"{i:016x}"}
             await transport.publish(PipelineStartEvent(**common, input={"n": i},
                                                        total_steps=1, steps=["step"]))

@@ -63,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from benchmarks.common import (
     flowtrace_location,
@@ -74,6 +74,9 @@ from benchmarks.common import (
     slot_order,
     stop_process,
 )
+
+if TYPE_CHECKING:
+    from taskiq import AsyncBroker
 
 FLOOR = "floor"
 """Not flowtrace: :mod:`benchmarks.floor`, the contract's work for a plain task written flat."""
@@ -134,7 +137,7 @@ def _discarding_transport() -> Any:
         def publish_nowait(self, event: Any) -> None:
             pass
 
-        def publish_fields_nowait(self, fields: Any) -> None:
+        def publish_fields_nowait(self, fields: Any, event: Any = None) -> None:
             pass
 
     return Discard()
@@ -279,7 +282,7 @@ class _Bench:
         self.metrics_dir = tempfile.mkdtemp(prefix="flowtrace-bench-prom-")
         (self.broker, self.provider, self.exporter, self.hook,
          self.middleware) = _build(variant, processor, self.metrics_dir, exporter_mode)
-        broker = self.broker
+        broker: AsyncBroker = self.broker
 
         @broker.task(task_name="noop")
         async def noop() -> None:
@@ -315,7 +318,8 @@ class _Bench:
         published_before = getattr(transport, "_seq", 0)  # the in-memory ring's count
         start, cpu_start = time.perf_counter(), time.process_time()
         if workload == "pipeline3":
-            pipe = Pipeline(broker, self.step).call_next(self.step).call_next(self.step)
+            pipe: Pipeline[Any, Any] = (
+                Pipeline(broker, self.step).call_next(self.step).call_next(self.step))
             ids = await _kick_windowed(lambda: pipe.kiq(0), n, broker, self.window)
         else:
             ids = await _kick_windowed(self.tasks[workload].kiq, n, broker, self.window)
