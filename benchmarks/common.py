@@ -180,15 +180,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """The machine's (steal, all) CPU time since boot, from ``/proc/stat``'s first line."""
-    try:
-        with open("/proc/stat") as stat:
-            # user nice system idle iowait irq softirq steal (guest time is inside user)
-            fields = [int(x) for x in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
+def _cpu_times() -> tuple[float, float] | None:
+    """The machine's (steal, all) CPU seconds since boot, as psutil reads them; None where
+    the platform reports no steal."""
+    import psutil  # imported here: run.py says it is missing before anything needs it
+
+    times = psutil.cpu_times()
+    if not hasattr(times, "steal"):
         return None
-    return (fields[7], sum(fields)) if len(fields) == 8 else None
+    # Linux counts guest time inside user and nice already (as psutil's cpu_percent does).
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+    return times.steal, sum(times) - guest
 
 
 class HostSteal:
@@ -201,11 +203,11 @@ class HostSteal:
     """
 
     def __init__(self) -> None:
-        self._start = _cpu_jiffies()
+        self._start = _cpu_times()
 
     def percent(self) -> float | None:
-        """Steal as a percentage of all CPU time so far; None where ``/proc/stat`` is not."""
-        end = _cpu_jiffies()
+        """Steal as a percentage of all CPU time so far; None where it is not reported."""
+        end = _cpu_times()
         if self._start is None or end is None or end[1] <= self._start[1]:
             return None
         return 100 * (end[0] - self._start[0]) / (end[1] - self._start[1])
