@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -39,8 +40,8 @@ from flowtrace.transport.memory import InMemoryTransport
 _now, _UTC, _time_ns, _perf_ns = datetime.now, timezone.utc, time.time_ns, time.perf_counter_ns
 
 
+@dataclass(slots=True, init=False, eq=False)
 class _Execution:
-    __slots__ = ("duration_ms", "ids", "perf_ns", "run", "span", "span_token", "token")
     duration_ms: float
     ids: dict[str, Any]
     perf_ns: int

@@ -76,7 +76,7 @@ from benchmarks.common import (
 )
 
 if TYPE_CHECKING:
-    from taskiq import AsyncBroker
+    from taskiq import InMemoryBroker
 
 FLOOR = "floor"
 """Not flowtrace: :mod:`benchmarks.floor`, the contract's work for a plain task written flat."""
@@ -201,7 +201,7 @@ def otel_prom_middlewares(provider: Any, metrics_dir: str | None) -> list[Any]:
 
 
 def _build(variant: str, processor: str, metrics_dir: str,
-           exporter_mode: str = "keep") -> tuple[Any, Any, Any, Any, Any]:
+           exporter_mode: str = "keep") -> tuple[InMemoryBroker, Any, Any, Any, Any]:
     """(broker, provider, exporter, hook, middleware); None where a variant has none."""
     from taskiq import InMemoryBroker
     from taskiq_pipelines import PipelineMiddleware
@@ -282,7 +282,7 @@ class _Bench:
         self.metrics_dir = tempfile.mkdtemp(prefix="flowtrace-bench-prom-")
         (self.broker, self.provider, self.exporter, self.hook,
          self.middleware) = _build(variant, processor, self.metrics_dir, exporter_mode)
-        broker: AsyncBroker = self.broker
+        broker = self.broker
 
         @broker.task(task_name="noop")
         async def noop() -> None:
