@@ -194,13 +194,11 @@ def run(quick: bool = False, duration: float | None = None) -> dict[str, Any]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of ``pid`` (Linux ``/proc``)."""
-    import os
+    """user + system CPU seconds of ``pid``."""
+    import psutil  # imported here: run.py says it is missing before anything needs it
 
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _clients_entry(url: str, n: int, conn: Any, stalled: bool, delivered: Any) -> None:
