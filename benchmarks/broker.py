@@ -45,6 +45,7 @@ from benchmarks.common import (
     child_env,
     median,
     paired_ratio,
+    process_cpu_seconds,
     slot_order,
 )
 
@@ -83,7 +84,7 @@ class _Variant:
     def _worker_cpu_seconds(self) -> float:
         """User + system time of the worker processes (taskiq's children) so far."""
         children = psutil.Process(self.worker.proc.pid).children(recursive=True)
-        return float(sum(sum(c.cpu_times()[:2]) for c in children))  # user + system
+        return process_cpu_seconds(*(child.pid for child in children))
 
     async def sample(self, n: int) -> dict[str, float]:
         """Kick ``n`` messages to the stopped worker, continue it, time it until done."""

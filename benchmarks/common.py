@@ -117,6 +117,17 @@ def run_json_child(args: Sequence[str], timeout: float) -> Any:
     return json.loads(lines[-1])
 
 
+def process_cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (psutil)."""
+    import psutil  # imported here: run.py says it is missing before anything needs it
+
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (Linux)."""
     with open(f"/proc/{pid}/status") as status:

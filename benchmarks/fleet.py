@@ -29,6 +29,7 @@ from benchmarks.common import (
     RedisServer,
     free_port,
     port_open,
+    process_cpu_seconds,
     python_child,
     stop_process,
     wait_for,
@@ -131,7 +132,7 @@ def run(quick: bool = False, duration: float | None = None) -> dict[str, Any]:
             print(f"  fleet: {PUBLISHERS} publishers x {TOTAL_RATE / PUBLISHERS:.0f} events/s "
                   f"for {duration:.0f} s -> Redis -> flowtrace serve -> {CLIENTS} clients",
                   flush=True)
-            gateway_cpu0 = _cpu_seconds(gateway.pid)
+            gateway_cpu0 = process_cpu_seconds(gateway.pid)
             started, steal = time.monotonic(), HostSteal()
             publishers = [
                 python_child(["-c", "import sys; from benchmarks.fleet import publisher_main; "
@@ -158,7 +159,7 @@ def run(quick: bool = False, duration: float | None = None) -> dict[str, Any]:
                     break
                 time.sleep(0.05)
             elapsed, steal_pct = time.monotonic() - started, steal.percent()
-            gateway_cpu = _cpu_seconds(gateway.pid) - gateway_cpu0
+            gateway_cpu = process_cpu_seconds(gateway.pid) - gateway_cpu0
             report = clients.ask("report")[1]
             ws = _ws_metrics(port)
         finally:
@@ -191,14 +192,6 @@ def run(quick: bool = False, duration: float | None = None) -> dict[str, Any]:
         "fleet: zero loss": max(lost) == 0 and min(lost) == 0,
     }
     return {"summary": summary, "targets": targets, "publishers": reports}
-
-
-def _cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of ``pid``."""
-    import psutil  # imported here: run.py says it is missing before anything needs it
-
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def _clients_entry(url: str, n: int, conn: Any, stalled: bool, delivered: Any) -> None:
