@@ -1,0 +1,55 @@
+"""A user's type checker sees flowtrace's annotations (PEP 561: the ``py.typed`` marker).
+
+Without the marker, ``mypy --strict`` on a user's code stops at ``import flowtrace``
+("missing library stubs or py.typed marker") and every flowtrace name is ``Any``.
+The user's file lives outside the repository, so mypy finds flowtrace as an installed
+package, as it does in a user's project.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+USER_CODE = '''\
+import flowtrace
+from flowtrace import EventFilter, HookManager
+from flowtrace.app import create_app
+from flowtrace.events import PipelineErrorEvent, parse_event
+from flowtrace.transport import InMemoryTransport
+from taskiq import InMemoryBroker
+
+broker = InMemoryBroker()
+middleware = flowtrace.instrument(broker)
+reveal_type(middleware)
+reveal_type(create_app(InMemoryTransport()))
+reveal_type(parse_event("{}"))
+
+
+class Alerts:
+    async def on_pipeline_error(self, event: PipelineErrorEvent) -> None:
+        print(event.pipeline_name, event.error)
+
+
+hooks = HookManager()
+hooks.add_hook(Alerts(), EventFilter(event_types=["PipelineErrorEvent"]))
+'''
+
+
+@pytest.mark.timeout(180)
+def test_strict_mypy_on_a_users_code_sees_flowtraces_types(tmp_path: Path) -> None:
+    (tmp_path / "user_app.py").write_text(USER_CODE)
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+         "--cache-dir", str(tmp_path / "cache"), "user_app.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=170, check=False,
+    )
+    report = checked.stdout + checked.stderr
+    assert checked.returncode == 0, report
+    assert "py.typed" not in report
+    assert 'Revealed type is "flowtrace.middleware.FlowtraceMiddleware"' in report
+    assert 'Revealed type is "fastapi.applications.FastAPI"' in report
+    assert "flowtrace.events.PipelineErrorEvent" in report  # parse_event's union
