@@ -3,7 +3,7 @@
 1. *Idle connections*: ``flowtrace serve`` (subprocess, private Redis) with a raised
    ``RLIMIT_NOFILE``; after 20 warm-up connections (so that lazily imported code and
    first-use allocations are not counted), 1 000 idle ``websockets`` clients on ``/ws/*``
-   from one client process (raises its own ``ulimit -n``). RSS (``/proc/<pid>/status``)
+   from one client process (raises its own ``ulimit -n``). RSS (psutil, the kernel's VmRSS)
    before and after, divided by the number of connections.
 2. *Many runs*: a child process builds ``create_app(InMemoryTransport())``, starts the
    gateway (the app's lifespan, no HTTP server needed), and publishes 100 000 plain-task

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -259,9 +260,8 @@ def _percent(value: float | None) -> str:
 
 def _loadavg() -> list[float] | None:
     try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
+        return [round(load, 2) for load in os.getloadavg()]  # as /proc/loadavg prints them
+    except OSError:  # the platform has no load average
         return None
 
 
