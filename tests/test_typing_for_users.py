@@ -48,8 +48,8 @@ def test_strict_mypy_on_a_users_code_sees_flowtraces_types(tmp_path: Path) -> No
         cwd=tmp_path, capture_output=True, text=True, timeout=170, check=False,
     )
     report = checked.stdout + checked.stderr
+    assert "py.typed marker" not in report, report  # checked first: it names the cause
     assert checked.returncode == 0, report
-    assert "py.typed" not in report
     assert 'Revealed type is "flowtrace.middleware.FlowtraceMiddleware"' in report
     assert 'Revealed type is "fastapi.applications.FastAPI"' in report
     assert "flowtrace.events.PipelineErrorEvent" in report  # parse_event's union
