@@ -1,7 +1,8 @@
 """Example taskiq worker, instrumented with flowtrace.
 
 Run it (Redis at ``REDIS_URL``, events to the gateway through ``FLOWTRACE_REDIS_URL``,
-traces to ``OTEL_EXPORTER_OTLP_ENDPOINT``)::
+traces to ``OTEL_EXPORTER_OTLP_ENDPOINT``, a dead worker's step redelivered after
+``BROKER_REDELIVER_AFTER_S``)::
 
     taskiq worker examples.fleet.worker:broker --workers 2
 
@@ -20,11 +21,10 @@ from typing import Annotated, Any
 
 from taskiq import Context, SimpleRetryMiddleware, TaskiqDepends
 from taskiq_pipelines import PipelineMiddleware
-from taskiq_redis import RedisAsyncResultBackend
+from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
 import flowtrace
-from examples.brokers.redis_list import PollingListQueueBroker
-from examples.brokers.settings import redis_broker_connection
+from examples.brokers.settings import redeliver_after_s, redis_broker_connection
 
 logger = logging.getLogger("examples.fleet.worker")
 
@@ -36,9 +36,16 @@ result_backend: RedisAsyncResultBackend[Any] = RedisAsyncResultBackend(
 )
 
 
-broker = PollingListQueueBroker(
+# A Redis stream with a consumer group (the README's recommended Redis broker): a step
+# whose worker dies is acknowledged by nobody and runs again on another worker after
+# BROKER_REDELIVER_AFTER_S (default 300 s), instead of being lost with its run.
+broker = RedisStreamBroker(
     REDIS_URL,
     queue_name="flowtrace-fleet",
+    xread_block=1000,  # each read ends within 1 s: idle workers live and heed SIGTERM
+    xread_count=1,  # one message at a time; the rest stay for the other workers
+    idle_timeout=int(redeliver_after_s() * 1000),
+    unacknowledged_lock_timeout=10,
     health_check_interval=30,  # PING a connection idle for 30 s before reusing it
     **redis_broker_connection(),  # no worker that ignores SIGTERM: see its docstring
 ).with_result_backend(result_backend)
