@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import to_jsonable_python
 from typing_extensions import Self
 
 PipelineType = Literal["sequential", "task", "dataflow"]
@@ -278,15 +279,16 @@ class _StopEncoding(Exception):
 def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
     """A JSON-safe, bounded preview of a task's input or result.
 
-    The value itself when its JSON form fits in ``max_bytes``; otherwise a string
-    cut to ``max_bytes`` and marked as truncated. Values JSON cannot encode are
-    shown through ``repr``. Never raises.
+    The value itself when its JSON form (a string: its UTF-8 text) fits in ``max_bytes``;
+    otherwise a string cut to ``max_bytes`` and marked as truncated. Models, dataclasses,
+    datetimes, UUIDs, decimals and sets take the JSON form pydantic (and so taskiq) gives
+    them; values nothing can encode are shown through ``repr``. Never raises.
     """
     if not capture:
         return None
     if value is None or isinstance(value, (bool, int, float)):
         return value if not isinstance(value, float) or math.isfinite(value) else repr(value)
-    if isinstance(value, str):
+    if isinstance(value, str):  # measured as text (UTF-8), not as its JSON literal
         return value if len(value) <= max_bytes // 4 else _truncate(value, max_bytes)
     try:
         if _json_size_bound(value, 4 * max_bytes) is not None:
@@ -301,7 +303,14 @@ def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
     return _truncate(text, max_bytes)
 
 
-_COMPACT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+def _jsonable(value: Any) -> Any:
+    """The JSON encoder's fallback for what it cannot encode itself: pydantic's JSON form
+    (a model's fields, ISO datetimes, ...); raises for anything pydantic cannot encode."""
+    return to_jsonable_python(value)
+
+
+_COMPACT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                            default=_jsonable)
 
 
 def _json_size_bound(value: Any, budget: int) -> int | None:

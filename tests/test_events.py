@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import decimal
 import json
+import uuid
 from datetime import datetime, timezone
 
 import pytest
+from pydantic import BaseModel
 
 from flowtrace import events
 from flowtrace.events import (
@@ -101,8 +104,25 @@ def test_preview_of_non_json_value_is_a_string_and_never_raises() -> None:
 
     assert isinstance(preview(object()), str)
     assert "unrepresentable" in preview(Weird())
-    assert isinstance(preview({"when": datetime.now()}), str)
     assert preview(float("nan")) == "nan"
+    assert preview([1.0, float("inf")]) == "[1.0, inf]"
+
+
+def test_preview_gives_models_and_rich_types_their_json_form() -> None:
+    """What taskiq stores for a result (pydantic's JSON form), not Python's ``repr``."""
+
+    class User(BaseModel):
+        id: int
+        joined: datetime
+
+    joined = datetime(2026, 12, 4, 1, 2, 3, tzinfo=timezone.utc)
+    ident = uuid.UUID(int=7)
+    shown = preview({"user": User(id=1, joined=joined), "tags": {"a"}, "id": ident,
+                     "price": decimal.Decimal("1.50")})
+    assert shown == {"user": {"id": 1, "joined": "2026-12-04T01:02:03Z"}, "tags": ["a"],
+                     "id": str(ident), "price": "1.50"}
+    big = preview([User(id=i, joined=joined) for i in range(1000)], max_bytes=1024)
+    assert isinstance(big, str) and big.endswith(events.TRUNCATION_MARK)
 
 
 def test_ten_megabyte_result_is_bounded() -> None:
