@@ -43,6 +43,7 @@ from flowtrace.labels import (
     NAME_LABEL,
     RUN_LABEL,
     STEP_LABEL,
+    STEP_WORKER_LABEL,
     RunContext,
     StepContext,
     kicked_at,
@@ -288,7 +289,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     @property
     def sink(self) -> SpanSink | None:
-        """Where spans go; resolved on first use so an app's own provider is honoured."""
+        """Where spans go; resolved at broker startup or first use, not when instrumented,
+        so that an app's own provider installed after ``instrument()`` is honoured."""
         if not self._sink_resolved:
             self._sink_resolved = True
             provider = self._tracer_provider or configure_tracing(self.service_name)
@@ -297,6 +299,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     async def startup(self) -> None:
         self.ensure_placement()
+        # Tracing set up from OTEL_* now installs the global provider before the app
+        # serves: the first request an instrumented FastAPI app handles is then traced,
+        # and a run kicked inside it joins its trace.
+        _ = self.sink
 
     async def shutdown(self) -> None:
         """Deliver what is queued: every finished span, hooks and the transport, at once.
@@ -425,6 +431,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 fan_out = StepContext(fan_out.index, fan_out.span_id, fan_out.started_ns,
                                       execution.items_kicked)
                 labels[STEP_LABEL] = fan_out.encode()
+                labels[STEP_WORKER_LABEL] = self.emitter.worker
             labels[RUN_LABEL] = execution.run.encode()
             execution.next_kicked = True
             await self.transport.flush()
@@ -570,13 +577,17 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                                           fan_out.span_id)
             if waiter_span is not None and waiter_span.sampled:
                 # Its StepStartEvent was emitted by the kicking process.
-                waiter_span.record_event("StepStartEvent", {
+                attributes = {
                     **_run_attributes(run),
                     "flowtrace.step_name": execution.step_name,
                     "flowtrace.step_index": execution.step_index,
                     "flowtrace.task_id": execution.task_id,
                     "flowtrace.attempt": 1,
-                }, fan_out.started_ns)
+                }
+                worker = _label_text(execution.message.labels.get(STEP_WORKER_LABEL))
+                if worker is not None:  # (a kicker of an earlier version does not say)
+                    attributes["flowtrace.worker"] = worker
+                waiter_span.record_event("StepStartEvent", attributes, fan_out.started_ns)
             return waiter_span
         if run.type == "task":
             return self._plain_task_span(execution, now)
@@ -714,7 +725,12 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _raised(self, execution: Execution, result: TaskiqResult[Any]) -> MaybeAwaitable[None]:
         """The task raised (or chose to store no result): report a failure."""
         if execution.role is ITEM:
-            self._finish_item(execution, failed=True)
+            if execution.retry_pending:
+                if execution.phase is not DONE:  # (else reported when it was re-kicked)
+                    self._item_retried(execution, execution.exception or result.error
+                                       or RuntimeError("task failed"))
+            else:
+                self._finish_item(execution, failed=True)
             return None
         exception = execution.exception or result.error
         if exception is None or (isinstance(exception, NoResultError)
@@ -775,6 +791,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         """A retry middleware re-kicked the failing task: report the attempt first."""
         execution.retry_pending = True
         exception = execution.exception or RuntimeError("task failed")
+        if execution.role is ITEM:
+            self._item_retried(execution, exception)
+            return
         execution.duration_ms = (time.perf_counter_ns() - execution.started_perf_ns) / 1e6
         await self._finish_monitor(execution, failed=True)
         self._report_error(execution, exception, will_retry=True)
@@ -880,6 +899,21 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 "flowtrace.step.done": done, "flowtrace.step.failed": bad,
                 "flowtrace.step.total": total,
             })
+
+    def _item_retried(self, execution: Execution, exception: BaseException) -> None:
+        """A map/filter item's attempt failed and runs again: its span ends, nothing else.
+
+        An item's attempts are not the step's (the step neither fails nor retries), and
+        the item is counted once, by the attempt that settles it.
+        """
+        execution.phase = DONE
+        span = execution.span
+        if span is not None:
+            now = time.time_ns()
+            if span.sampled:
+                span.record_error(exception, now)
+                span.record_attributes({"flowtrace.step.will_retry": True})
+            self._end_span(span, now)
 
     def _finish_item(self, execution: Execution, failed: bool) -> None:
         self.transport.count_item(counter_key(execution.run.pipeline_id, execution.step_index),

@@ -10,6 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from taskiq import InMemoryBroker, TaskiqMiddleware
 from taskiq.middlewares import SimpleRetryMiddleware, SmartRetryMiddleware
 from taskiq_pipelines import Pipeline as PlainPipeline
@@ -255,6 +259,73 @@ async def test_retried_step_reports_each_attempt_and_one_outcome(retry: str) -> 
         assert events[-1].result == "okok"
     finally:
         await broker.shutdown()
+
+
+async def test_retried_map_items_are_neither_step_retries_nor_counted_twice() -> None:
+    """An item's failed attempt that a retry middleware runs again: its own span (ERROR,
+    ``will_retry``, one ``exception`` event), no StepErrorEvent for the step, and the
+    item counted once, by the attempt that settles it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    broker, collector, _ = build("flowtrace-first", tracer_provider=provider)
+    await broker.startup()
+    try:
+        pipeline = flowtrace.Pipeline(broker, task(broker, "extract"), name="items").map(
+            task(broker, "flaky"))
+        kicked = await pipeline.kiq(3)
+        assert (await kicked.wait_result(timeout=10)).return_value == ["ok"] * 3
+        events = await collector.wait_terminal(kicked.task_id)
+    finally:
+        await broker.shutdown()
+    check_common(events, kicked.task_id, "items", "sequential")
+    assert [s for s in shape(events) if s[0] != "StepProgressEvent"] == [
+        ("PipelineStartEvent", None), ("StepStartEvent", 0), ("StepCompleteEvent", 0),
+        ("StepStartEvent", 1), ("StepCompleteEvent", 1), ("PipelineCompleteEvent", None),
+    ]
+    progress = [e for e in events if e.type == "StepProgressEvent"]
+    assert all(p.done + p.failed <= p.total for p in progress), progress
+    assert (progress[-1].done, progress[-1].failed, progress[-1].total) == (3, 0, 3)
+
+    provider.force_flush()
+    items = [s for s in exporter.get_finished_spans()
+             if "flowtrace.item.index" in (s.attributes or {})]
+    assert len({s.context.span_id for s in items}) == len(items) == 6, items
+    by_status: dict[StatusCode, list[ReadableSpan]] = {}
+    for span in items:
+        by_status.setdefault(span.status.status_code, []).append(span)
+    failed, succeeded = by_status[StatusCode.ERROR], by_status[StatusCode.UNSET]
+    for group, attempt in ((failed, 1), (succeeded, 2)):
+        assert sorted((s.attributes or {})["flowtrace.item.index"] for s in group) == [0, 1, 2]
+        assert {(s.attributes or {})["flowtrace.step.attempt"] for s in group} == {attempt}
+    for span in failed:
+        assert [e.name for e in span.events] == ["exception"], span.events
+        assert (span.attributes or {})["flowtrace.step.will_retry"] is True
+
+
+async def test_instrumenting_twice_keeps_one_middleware(
+        caplog: pytest.LogCaptureFixture) -> None:
+    broker, collector, first = build()
+    with caplog.at_level("WARNING", logger="flowtrace"):
+        second = flowtrace.instrument(broker, service_name="again")
+    assert second is first
+    assert "already instrumented" in caplog.text
+    assert [m for m in broker.middlewares if isinstance(m, FlowtraceMiddleware)] == [first]
+    await broker.startup()
+    try:
+        pipeline = flowtrace.Pipeline(broker, task(broker, "extract"), name="twice").call_next(
+            task(broker, "total"))
+        kicked = await pipeline.kiq(3)
+        assert (await kicked.wait_result(timeout=10)).return_value == 3
+        events = await collector.wait_terminal(kicked.task_id)
+    finally:
+        await broker.shutdown()
+    check_common(events, kicked.task_id, "twice", "sequential")
+    assert shape(events) == [
+        ("PipelineStartEvent", None), ("StepStartEvent", 0), ("StepCompleteEvent", 0),
+        ("StepStartEvent", 1), ("StepCompleteEvent", 1), ("PipelineCompleteEvent", None),
+    ]
+    assert events[2].result == [0, 1, 2]
 
 
 async def test_retries_exhausted_fail_once(env: tuple[InMemoryBroker, Collector]) -> None:

@@ -12,6 +12,20 @@ def event_names(span: ReceivedSpan) -> list[str]:
     return [e.name for e in span.events]
 
 
+#: Event fields that are not span event attributes (SPEC §4: the *scalar* fields; ids and
+#: time are the span's and the span event's own; payload previews stay out of traces).
+NOT_SCALAR = {"type", "id", "timestamp", "trace_id", "span_id", "input", "result", "steps"}
+
+
+def assert_span_event(event: Any, span: ReceivedSpan) -> None:
+    """SPEC §4: the span event named after ``event`` carries its scalar fields, prefixed."""
+    expected = {f"flowtrace.{name}": value
+                for name, value in event.model_dump(mode="json").items()
+                if name not in NOT_SCALAR and value is not None}
+    recorded = [e.attributes for e in span.events if e.name == event.type]
+    assert expected in recorded, f"{event.type} on {span.name}: {recorded} != {expected}"
+
+
 def assert_events_match_spans(events: list[Any], spans: list[ReceivedSpan],
                               root: ReceivedSpan) -> None:
     """SPEC §3: each event's ``trace_id``/``span_id`` are those of the span it belongs to."""
@@ -30,4 +44,4 @@ def assert_events_match_spans(events: list[Any], spans: list[ReceivedSpan],
         assert span.attributes["flowtrace.step.name"] == event.step_name, event
         if not isinstance(event, StepProgressEvent):
             assert span.attributes["flowtrace.step.attempt"] == event.attempt, event
-            assert event.type in event_names(span), event
+            assert_span_event(event, span)
