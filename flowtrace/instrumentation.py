@@ -33,8 +33,14 @@ def instrument(
     """Add :class:`FlowtraceMiddleware` to ``broker`` and return it.
 
     Events go to Redis when ``redis_url`` (or ``FLOWTRACE_REDIS_URL``) is given,
-    else to an in-process transport (``mw.transport``, for ``create_app``).
+    else to an in-process transport (``mw.transport``, for ``create_app``). On a broker
+    that is already instrumented it returns the middleware already there.
     """
+    existing = next((m for m in broker.middlewares if isinstance(m, FlowtraceMiddleware)), None)
+    if existing is not None:  # a second middleware would report every run twice
+        logger.warning("flowtrace: the broker is already instrumented; instrument() returns "
+                       "its middleware and ignores this call's options")
+        return existing
     url = redis_url or os.environ.get("FLOWTRACE_REDIS_URL")
     if transport is None:
         # The Redis client is loaded only here, when events go to Redis.

@@ -5,11 +5,13 @@ services run as processes on a private redis-server, as the README's "without Do
 commands run them: ``flowtrace serve``, ``taskiq worker examples.fleet.worker:broker
 --workers 2`` and ``uvicorn examples.fleet.api:app``. The README's three ``POST /etl``
 calls (a good batch, a bad one, a flaky load) must show up on the gateway's WebSocket,
-REST and ``/metrics`` as the runs they are.
+REST and ``/metrics`` as the runs they are, and in the traces the worker and the API
+export over OTLP (configured only by the ``OTEL_*`` variables the compose file sets).
 """
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import subprocess
 import sys
@@ -22,10 +24,14 @@ import pytest
 from flowtrace.events import BaseEvent
 from tests.support.collect import check_common, shape
 from tests.support.gateway_proc import GatewayProcess, WsFeed, serve_gateways
+from tests.support.otlp_fixture import otlp_receiver
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support.processes import REPO_ROOT, RedisServer, Workers, free_port, kill_process
 from tests.support.processes import test_env as process_env
 from tests.support.waiting import async_wait_until, wait_until
 from tests.test_deploy import API_COMMAND, WORKER_COMMAND
+
+__all__ = ["otlp_receiver"]  # the fixture, used by name
 
 pytestmark = pytest.mark.fleet
 
@@ -39,9 +45,11 @@ FLAKY = [*OK[:5], ("StepStartEvent", 2), ("StepErrorEvent", 2), ("StepStartEvent
          ("StepCompleteEvent", 2), ("PipelineCompleteEvent", None)]
 
 
-def fleet_env(redis: RedisServer) -> dict[str, str]:
-    """The compose file's variables, with this test's Redis for ``redis://redis:6379/0``."""
-    return process_env(REDIS_URL=redis.url, FLOWTRACE_REDIS_URL=redis.url)
+def fleet_env(redis: RedisServer, otlp: OtlpReceiver, service: str) -> dict[str, str]:
+    """The compose file's variables, with this test's Redis for ``redis://redis:6379/0``
+    and its OTLP receiver for ``http://jaeger:4317``."""
+    return process_env(REDIS_URL=redis.url, FLOWTRACE_REDIS_URL=redis.url,
+                       **otlp.env("grpc", service_name=service))
 
 
 class Api:
@@ -81,11 +89,12 @@ def gateway(redis_server: RedisServer) -> Iterator[GatewayProcess]:
 
 
 @pytest.fixture
-def workers(redis_server: RedisServer) -> Iterator[Workers]:
+def workers(redis_server: RedisServer, otlp_receiver: OtlpReceiver) -> Iterator[Workers]:
     argv = shlex.split(WORKER_COMMAND)
     assert argv[:2] == ["taskiq", "worker"]
     count = int(argv[argv.index("--workers") + 1])
-    group = Workers(argv[2], fleet_env(redis_server), workers=count)
+    group = Workers(argv[2], fleet_env(redis_server, otlp_receiver, "fleet-worker"),
+                    workers=count)
     try:
         wait_until(lambda: group.output().count("Listening started") >= count, timeout=60,
                    message=f"{count} example worker processes to listen")
@@ -95,8 +104,8 @@ def workers(redis_server: RedisServer) -> Iterator[Workers]:
 
 
 @pytest.fixture
-def api(redis_server: RedisServer) -> Iterator[Api]:
-    app = Api(fleet_env(redis_server))
+def api(redis_server: RedisServer, otlp_receiver: OtlpReceiver) -> Iterator[Api]:
+    app = Api(fleet_env(redis_server, otlp_receiver, "fleet-api"))
     try:
         yield app
     finally:
@@ -108,7 +117,7 @@ def step_rows(state: dict[str, Any]) -> list[tuple[str, str, int]]:
 
 
 async def test_the_readme_calls_run_end_to_end(gateway: GatewayProcess, workers: Workers,
-                                               api: Api) -> None:
+                                               api: Api, otlp_receiver: OtlpReceiver) -> None:
     async with WsFeed.open(gateway.ws_url("/ws/*")) as feed:
         ok = await api.etl()
         bad = await api.etl({"records": [{"id": 1, "value": "oops"}]})
@@ -145,6 +154,21 @@ async def test_the_readme_calls_run_end_to_end(gateway: GatewayProcess, workers:
                                 pipeline="etl", status="failed") == 1
     assert await gateway.metric("flowtrace_step_runs_total", pipeline="etl",
                                 step="fleet.load", status="retried") == 1
+
+
+    # The API's very first request is traced, and the run it kicked joined its trace.
+    def roots(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in spans if s.name == "pipeline etl"
+                and s.attributes.get("flowtrace.pipeline.id") == ok]
+
+    def run_root_and_request(spans: list[ReceivedSpan]) -> bool:
+        return bool(roots(spans)) and any(s.service_name == "fleet-api" for s in spans)
+    spans = await asyncio.to_thread(otlp_receiver.wait_for_spans, run_root_and_request, 60)
+    (root,) = roots(spans)
+    assert root.service_name == "fleet-worker"
+    requests = {s.span_id: s for s in spans if s.name == "POST /etl" and s.kind == "SERVER"}
+    assert root.parent_span_id in requests, otlp_receiver.dump()
+    assert requests[root.parent_span_id].trace_id == root.trace_id
 
 
 def test_the_workers_stop_on_sigterm(workers: Workers) -> None:

@@ -14,6 +14,8 @@ import asyncio
 import itertools
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -749,3 +751,57 @@ async def test_in_process_runs_executed_in_place_leave_the_callers_context_as_it
     assert set(spans) == {first.task_id, second.task_id}
     assert all(s.parent is None for s in spans.values())
     assert spans[first.task_id].context.trace_id != spans[second.task_id].context.trace_id
+
+
+# Set up from the environment alone -----------------------------------------------------
+
+CONSOLE_RUN = """
+import asyncio
+
+from taskiq import InMemoryBroker
+
+import flowtrace
+
+broker = InMemoryBroker()
+flowtrace.instrument(broker)
+
+
+@broker.task(task_name="console.noop")
+async def noop() -> int:
+    return 1
+
+
+async def main() -> None:
+    await broker.startup()
+    task = await noop.kiq()
+    assert not (await task.wait_result(timeout=10)).is_err
+    await broker.shutdown()
+
+
+asyncio.run(main())
+"""
+
+
+def printed_spans(text: str) -> list[dict[str, Any]]:
+    """The JSON objects ``ConsoleSpanExporter`` printed one after another."""
+    decoder, spans, at = json.JSONDecoder(), [], 0
+    while (start := text.find("{", at)) >= 0:
+        span, at = decoder.raw_decode(text, start)
+        spans.append(span)
+    return spans
+
+
+@pytest.mark.parametrize("exporters", ["console", "console, zipkin"])
+def test_otel_traces_exporter_console_prints_every_span(exporters: str) -> None:
+    env = {name: value for name, value in process_env().items()
+           if not name.startswith("OTEL_")}
+    env.update(OTEL_TRACES_EXPORTER=exporters, OTEL_SERVICE_NAME="console-test")
+    done = subprocess.run([sys.executable, "-c", CONSOLE_RUN], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    (span,) = printed_spans(done.stdout)
+    assert span["name"] == "console.noop"
+    assert span["resource"]["attributes"]["service.name"] == "console-test"
+    assert span["attributes"]["flowtrace.pipeline.type"] == "task"
+    if "zipkin" in exporters:
+        assert "OTEL_TRACES_EXPORTER names 'zipkin'" in done.stderr, done.stderr

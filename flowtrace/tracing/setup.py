@@ -1,9 +1,9 @@
 """Find or build the SDK ``TracerProvider`` flowtrace exports through.
 
 An application that installed its own SDK provider keeps it. Otherwise, when the
-standard ``OTEL_*`` environment asks for OTLP, flowtrace builds a provider with a
-batch processor and the gRPC or ``http/protobuf`` exporter, as the environment
-says. With neither, tracing is off and events carry no trace ids.
+standard ``OTEL_*`` environment asks for OTLP (or the console), flowtrace builds a
+provider with a batch processor and the gRPC or ``http/protobuf`` exporter, as the
+environment says. With neither, tracing is off and events carry no trace ids.
 """
 
 from __future__ import annotations
@@ -11,11 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
 
 logger = logging.getLogger("flowtrace.tracing")
 
@@ -23,14 +28,29 @@ _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDP
 _owned_provider: TracerProvider | None = None
 
 
-def _otlp_requested() -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() in ("none",):
-        return False
-    return any(os.environ.get(name) for name in _ENDPOINT_VARS) or (
-        os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "otlp"
-    )
+def _exporter_names() -> list[str]:
+    """The exporters the ``OTEL_*`` environment asks for: ``otlp``, ``console``, or none.
+
+    ``OTEL_TRACES_EXPORTER`` is a comma-separated list, as in the SDK's own setup. Left
+    unset, an OTLP endpoint variable alone turns OTLP on; with neither, tracing is off.
+    """
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    value = os.environ.get("OTEL_TRACES_EXPORTER", "").strip()
+    if not value:
+        return ["otlp"] if any(os.environ.get(name) for name in _ENDPOINT_VARS) else []
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    if "none" in names:
+        return []
+    for name in names:
+        if name not in _EXPORTERS:
+            logger.warning("flowtrace: OTEL_TRACES_EXPORTER names %r, which flowtrace does "
+                           "not know (it knows %s): ignored", name, ", ".join(_EXPORTERS))
+    return [name for name in dict.fromkeys(names) if name in _EXPORTERS]
+
+
+def _console_exporter() -> SpanExporter:
+    return ConsoleSpanExporter()
 
 
 def _otlp_exporter() -> SpanExporter:
@@ -52,6 +72,12 @@ def _otlp_exporter() -> SpanExporter:
     return GrpcExporter()
 
 
+_EXPORTERS: dict[str, Callable[[], SpanExporter]] = {
+    "otlp": _otlp_exporter,
+    "console": _console_exporter,
+}
+
+
 def configure_tracing(service_name: str | None = None) -> TracerProvider | None:
     """The SDK provider to export through, building one from ``OTEL_*`` when needed."""
     global _owned_provider
@@ -60,16 +86,18 @@ def configure_tracing(service_name: str | None = None) -> TracerProvider | None:
         return current
     if _owned_provider is not None:
         return _owned_provider
-    if not _otlp_requested():
+    names = _exporter_names()
+    if not names:
         return None
     attributes = {}
     if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
         attributes[SERVICE_NAME] = service_name
     provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+    for name in names:
+        provider.add_span_processor(BatchSpanProcessor(_EXPORTERS[name]()))
     trace.set_tracer_provider(provider)
     _owned_provider = provider
-    logger.info("flowtrace: exporting traces over OTLP")
+    logger.info("flowtrace: exporting traces (%s)", ", ".join(names))
     return provider
 
 
