@@ -51,8 +51,8 @@ class BaseEvent(BaseModel):
     pipeline_id: str
     pipeline_name: str = ""
     pipeline_type: PipelineType = "sequential"
-    trace_id: str | None = None
-    span_id: str | None = None
+    trace_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    span_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     # After the ids: an event is built as ``{**ids, "timestamp": ..., ...}`` (declared order).
     timestamp: datetime = Field(default_factory=utc_now)
 

@@ -83,6 +83,17 @@ def test_parse_event_names_an_unknown_type() -> None:
         parse_event({"type": "TeleportEvent", "pipeline_id": "x"})
 
 
+@pytest.mark.parametrize("ids", [{"trace_id": "xyz"}, {"span_id": "1"},
+                                 {"trace_id": "AB" * 16}, {"span_id": "0" * 17}])
+def test_parse_event_rejects_ids_that_are_not_lowercase_hex(ids: dict[str, str]) -> None:
+    """SPEC §3: ``trace_id`` is 32 hex digits or null, ``span_id`` 16."""
+    good = {"type": "StepProgressEvent", "pipeline_id": "p", "step_name": "s",
+            "trace_id": "a" * 32, "span_id": "b" * 16}
+    assert parse_event(good).trace_id == "a" * 32
+    with pytest.raises(InvalidEvent, match=next(iter(ids))):
+        parse_event({**good, **ids})
+
+
 def test_parse_event_reports_missing_fields() -> None:
     with pytest.raises(InvalidEvent, match="StepErrorEvent"):
         parse_event({"type": "StepErrorEvent", "pipeline_id": "x", "step_name": "s"})
