@@ -56,11 +56,17 @@ def instrument(
     return middleware
 
 
+#: How many ports above ``metrics_port`` the processes of one host may take.
+METRICS_PORT_RANGE = 64
+
+
 def _serve_metrics_on_startup(broker: AsyncBroker, port: int) -> None:
     """Serve this process's counters when the broker starts (in a worker or a client).
 
     Not at import: ``taskiq worker --workers N`` imports the module in every process,
-    and only the started ones should bind.
+    and only the started ones should bind. Those N processes share one ``metrics_port``
+    setting: each serves on the first free port from it up, so that all of them are
+    scraped (``port`` … ``port + N - 1``).
     """
     started = False
 
@@ -69,10 +75,18 @@ def _serve_metrics_on_startup(broker: AsyncBroker, port: int) -> None:
         if started:
             return
         started = True
-        try:
-            metrics.serve_process_metrics(port)
-        except OSError as exc:
-            logger.warning("flowtrace: metrics port %s unavailable (%s)", port, exc)
+        error: OSError | None = None
+        for candidate in range(port, min(port + METRICS_PORT_RANGE, 65536)):
+            try:
+                metrics.serve_process_metrics(candidate)
+            except OSError as exc:
+                error = error or exc
+                continue
+            if candidate != port:
+                logger.info("flowtrace: metrics port %s taken, serving on %s", port, candidate)
+            return
+        logger.warning("flowtrace: no metrics port free from %s to %s (%s)", port,
+                       port + METRICS_PORT_RANGE - 1, error)
 
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, start)
     broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, start)

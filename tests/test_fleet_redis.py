@@ -2,28 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 import flowtrace
 from flowtrace.transport.base import FROM_BEGINNING
 from tests.support.collect import check_common, shape
 from tests.support.fleet import StreamCollector, fleet_client
-from tests.support.processes import RedisServer, Workers, test_env, wait_for_log
+from tests.support.processes import RedisServer, Workers, free_port, test_env, wait_for_log
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.fleet
 FLOWTRACE_ERROR = re.compile(r"\[flowtrace[\w.]*\]\[(ERROR|CRITICAL)")
 
 
+def free_ports_from(count: int) -> int:
+    """A port from which ``count`` consecutive ports can be bound right now."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 @pytest.fixture
-def workers(redis_server: RedisServer, events_redis: RedisServer) -> Iterator[Workers]:
+def metrics_port() -> int:
+    return free_ports_from(2)
+
+
+@pytest.fixture
+def workers(redis_server: RedisServer, events_redis: RedisServer,
+            metrics_port: int) -> Iterator[Workers]:
     group = Workers("tests.fleet_app.spine_worker:broker",
                     test_env(TEST_REDIS_URL=redis_server.url,
-                             FLOWTRACE_REDIS_URL=events_redis.url),
+                             FLOWTRACE_REDIS_URL=events_redis.url,
+                             TEST_METRICS_PORT=str(metrics_port)),
                     workers=2, extra_args=["--max-async-tasks", "3"])
     wait_for_log(group, "Listening started", count=2)
     yield group
@@ -153,3 +178,20 @@ async def test_events_redis_down_mid_run_never_breaks_tasks(
 
 async def _contains(found: Any, wanted: set[str]) -> bool:
     return wanted <= await found
+
+
+async def test_every_worker_process_serves_its_own_metrics_port(
+        workers: Workers, metrics_port: int) -> None:
+    """``metrics_port`` under ``taskiq worker --workers 2``: one port per process, from it up."""
+    async def serves(port: int) -> bool:
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+            try:
+                response = await client.get(f"http://127.0.0.1:{port}/metrics")
+            except httpx.HTTPError:
+                return False
+        return response.status_code == 200 and "flowtrace_" in response.text
+
+    for port in (metrics_port, metrics_port + 1):
+        await async_wait_until(lambda port=port: serves(port), timeout=30,
+                               message=f"a worker's metrics on :{port}")
+    assert f"serving on {metrics_port + 1}" in workers.output()  # the second one says where

@@ -26,7 +26,9 @@ broker = setup_broker(
     RedisStreamBroker(BROKER_URL, xread_block=1000, xread_count=1, idle_timeout=5_000,
                       **redis_broker_connection()).with_result_backend(
         RedisAsyncResultBackend(BROKER_URL)))
-middleware = flowtrace.instrument(broker)
+# TEST_METRICS_PORT: every worker process serves its own counters from this port up.
+METRICS_PORT = os.environ.get("TEST_METRICS_PORT")
+middleware = flowtrace.instrument(broker, metrics_port=int(METRICS_PORT) if METRICS_PORT else None)
 
 _tasks = Tasks.of(broker)
 extract, double, where, is_big = _tasks.extract, _tasks.double, _tasks.where, _tasks.is_big
