@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.exceptions import NoResultError
+from taskiq_pipelines import AbortPipeline
 
 from flowtrace import metrics
 from flowtrace.emitter import Emitter
@@ -206,6 +207,16 @@ class _AbortCapture(logging.Filter):
 _abort_capture = _AbortCapture()
 
 
+def _note_abort(task_id: str, error: BaseException | None) -> None:
+    """An aborted pipeline's error result, written for its last step by the step that
+    aborted it: the reason, when the log record that names it better was filtered out."""
+    if isinstance(error, AbortPipeline):
+        execution = current_execution.get()
+        if (execution is not None and execution.task_id != task_id
+                and execution.abort_error is None):
+            execution.abort_error = error
+
+
 class FlowtraceMiddleware(TaskiqMiddleware):
     """Emits flowtrace events and spans for every run on the broker it is added to."""
 
@@ -278,6 +289,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
         @functools.wraps(original)
         async def set_result(task_id: str, result: TaskiqResult[Any]) -> None:
+            if result.is_err:
+                _note_abort(task_id, result.error)
             try:
                 await original(task_id, result)
             except Exception as exc:

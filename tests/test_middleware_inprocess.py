@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -218,17 +220,35 @@ async def test_failing_step_fails_the_pipeline(env: tuple[InMemoryBroker, Collec
     assert failed.failed_step == "explode" and failed.failed_step_index == 1
 
 
-async def test_map_over_a_non_iterable_aborts(env: tuple[InMemoryBroker, Collector]) -> None:
+@contextlib.contextmanager
+def logger_level(name: str, level: int) -> Iterator[None]:
+    """``name``'s level set as an app's logging config may set it, then restored."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@pytest.mark.parametrize("pipelines_log", ["default", "quiet"])
+async def test_map_over_a_non_iterable_aborts(env: tuple[InMemoryBroker, Collector],
+                                              pipelines_log: str) -> None:
+    """The run fails as aborted, even when the app silenced taskiq-pipelines' logger."""
     broker, collector = env
     pipeline = flowtrace.Pipeline(broker, task(broker, "double"), name="abort").map(
         task(broker, "double"))
-    kicked = await pipeline.kiq(3)
-    events = await collector.wait_terminal(kicked.task_id)
+    quiet = pipelines_log == "quiet"
+    with logger_level("taskiq_pipelines", logging.ERROR) if quiet else contextlib.nullcontext():
+        kicked = await pipeline.kiq(3)
+        events = await collector.wait_terminal(kicked.task_id)
     assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
                              ("StepCompleteEvent", 0), ("PipelineErrorEvent", None)]
     check_common(events, kicked.task_id, "abort", "sequential")
     assert events[-1].error_type == "AbortPipeline"
-    assert "not iterable" in events[-1].error
+    if not quiet:  # the reason is only in taskiq-pipelines' log record
+        assert "not iterable" in events[-1].error
     assert events[-1].failed_step_index == 1
 
 
