@@ -312,6 +312,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     async def startup(self) -> None:
         self.ensure_placement()
+        self.transport.reopen()  # closed by an earlier shutdown of the same broker
         # Tracing set up from OTEL_* now installs the global provider before the app
         # serves: the first request an instrumented FastAPI app handles is then traced,
         # and a run kicked inside it joins its trace.

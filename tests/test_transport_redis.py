@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from taskiq import InMemoryBroker
 
+import flowtrace
 from flowtrace.events import Event, StepStartEvent
+from flowtrace.middleware import FlowtraceMiddleware
 from flowtrace.transport import RedisPubSubTransport, RedisStreamTransport
 from flowtrace.transport.base import FROM_BEGINNING, Transport, id_sort_key
 from tests.support.processes import RedisServer
@@ -623,3 +627,69 @@ async def test_pubsub_item_counts(redis_server: RedisServer, no_task_leaks: None
         transport.count_item("k", failed=False)
         assert await transport.read_counts("k") == (1, 1)
         await transport.close()
+
+
+def _run_one_task(broker: Any, in_memory_subscriber: bool = False) -> tuple[str, list[Event]]:
+    """One broker session in a fresh event loop, as each test of an app's lifespan runs:
+    start, run a task to its end, shut down. Returns its run id and what a subscriber to
+    the (in-memory) transport saw meanwhile."""
+    async def session() -> tuple[str, list[Event]]:
+        seen: list[Event] = []
+        await broker.startup()
+        middleware = next(m for m in broker.middlewares if isinstance(m, FlowtraceMiddleware))
+        reader = None
+        if in_memory_subscriber:
+            async def read() -> None:
+                async for event in middleware.transport.subscribe():
+                    seen.append(event)
+            reader = asyncio.create_task(read())
+            await asyncio.sleep(0)
+        try:
+            kicked = await broker.find_task("restart.one").kiq()
+            assert (await kicked.wait_result(timeout=10)).return_value == 1
+            if reader is not None:
+                await async_wait_until(
+                    lambda: any(e.type == "PipelineCompleteEvent" for e in seen), timeout=10,
+                    message="the run's end on the in-memory transport")
+        finally:
+            await broker.shutdown()
+        return kicked.task_id, seen
+    return asyncio.run(session())
+
+
+def _restartable_broker(**options: Any) -> InMemoryBroker:
+    broker = InMemoryBroker()
+    flowtrace.instrument(broker, **options)
+
+    @broker.task(task_name="restart.one")
+    async def one() -> int:
+        return 1
+
+    return broker
+
+
+def test_a_broker_started_again_in_new_event_loops_keeps_publishing(
+        redis_server: RedisServer) -> None:
+    """Shut down, started again, each time in a new loop: no event is dropped as closed."""
+    broker = _restartable_broker(redis_url=redis_server.url)
+    runs = [_run_one_task(broker)[0] for _ in range(3)]
+
+    async def ended() -> set[str]:
+        reader = RedisStreamTransport(redis_server.url)
+        try:
+            return {e.pipeline_id async for e in reader.replay(FROM_BEGINNING)
+                    if e.type == "PipelineCompleteEvent"}
+        finally:
+            await reader.close()
+    assert asyncio.run(ended()) == set(runs)
+    middleware = next(m for m in broker.middlewares if isinstance(m, FlowtraceMiddleware))
+    assert middleware.transport.dropped == {}
+
+
+def test_the_in_memory_transport_serves_subscribers_after_a_restart() -> None:
+    broker = _restartable_broker()
+    for _ in range(2):
+        pipeline_id, seen = _run_one_task(broker, in_memory_subscriber=True)
+        assert [e.type for e in seen if e.pipeline_id == pipeline_id] == [
+            "PipelineStartEvent", "StepStartEvent", "StepCompleteEvent",
+            "PipelineCompleteEvent"]

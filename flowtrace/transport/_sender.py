@@ -225,6 +225,10 @@ class BatchSender:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def pending(self) -> int:
         return len(self._in_flight) + len(self._buffer)
 
@@ -276,10 +280,15 @@ class BatchSender:
         """Start the sender in the running loop (again, if a loop shutdown cancelled it)."""
         if self._closed or (self._task is not None and not self._task.done()):
             return
-        # No loop (a sync caller of count_item): the next submit or flush starts it.
-        with contextlib.suppress(RuntimeError):
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"{self._outage.what} sender")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a sync caller of count_item): the next submit or
+            return            # flush starts it
+        if self._task is not None and self._task.get_loop() is not loop:
+            # asyncio's events belong to the loop they were first awaited in.
+            self._send_now, self._wakeup, self._progress = (
+                asyncio.Event(), asyncio.Event(), asyncio.Event())
+        self._task = loop.create_task(self._run(), name=f"{self._outage.what} sender")
 
     def _oldest_pending(self) -> int:
         if self._in_flight:
@@ -421,13 +430,22 @@ class SenderBackedTransport(Transport, Publishing):
 
     _sender: BatchSender
     _client: Redis
+    _closed: bool
+    _sender_settings: tuple[str, int, int, float]
 
     def _start_sender(self, client: Redis, what: str, buffer_size: int,
                       batch_size: int, linger_ms: float) -> None:
         self._client = client
+        self._sender_settings = (what, buffer_size, batch_size, linger_ms)
         self._sender = BatchSender(client, self, what=what, buffer_size=buffer_size,
                                    batch_size=batch_size, count_drop=self._count_drop,
                                    linger=linger_ms / 1000)
+
+    def reopen(self) -> None:
+        """A new sender after :meth:`close` (the client makes new connections on demand)."""
+        if self._sender.closed:
+            self._start_sender(self._client, *self._sender_settings)
+        self._closed = False
 
     def publish_nowait(self, event: BaseEvent) -> None:
         """Buffer ``event`` for the background sender; never waits on Redis."""

@@ -68,6 +68,14 @@ class Transport(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional for transports holding nothing
         """Ship what is buffered (bounded wait) and release connections."""
 
+    def reopen(self) -> None:  # noqa: B027 - optional for transports holding nothing
+        """Undo :meth:`close`: publish and serve subscribers again.
+
+        A broker may be started again after its shutdown in one process (a FastAPI
+        app's lifespan run once per test, say): its middleware reopens the transport
+        it closed. A no-op on an open transport.
+        """
+
     # Shared per-step item counters, for map/filter progress across processes.
     @abc.abstractmethod
     def count_item(self, key: str, failed: bool) -> None:

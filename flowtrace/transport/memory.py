@@ -179,6 +179,10 @@ class InMemoryTransport(Transport):
     async def read_counts(self, key: str) -> tuple[int, int]:
         return self._counts.get(key, (0, 0))
 
+    def reopen(self) -> None:
+        """Take subscribers again after :meth:`close` (the ring and ids carry on)."""
+        self._closed = False
+
     async def close(self) -> None:
         """End every subscriber's iterator."""
         self._closed = True
