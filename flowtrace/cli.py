@@ -13,18 +13,28 @@ import asyncio
 import gc
 import importlib
 import logging
+import math
 import os
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import uvicorn
 
 logger = logging.getLogger("flowtrace.cli")
+T = TypeVar("T")
 
 CLOSE_TIMEOUT = 10.0
 """Longest wait for WebSocket clients to be closed before the server stops anyway."""
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_STALE_AFTER = 3600.0
+MAX_STALE_AFTER = timedelta.max.total_seconds()
+"""The LOST sweep measures silence in ``timedelta``s: it cannot represent more."""
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class GracefulServer(uvicorn.Server):
@@ -98,9 +108,15 @@ async def serve_app(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
         if manager is not None:
             await close_clients(manager)
 
+    # The app refuses frames above its inbound limit with 1009, but only once uvicorn has
+    # buffered the whole message (up to 16 MiB by default): the protocol layer must refuse
+    # them first, with the same code, as soon as the frame header announces the size.
+    limits: dict[str, Any] = {}
+    if manager is not None:
+        limits["ws_max_size"] = int(manager.max_message_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(CLOSE_TIMEOUT),
-                            ws_per_message_deflate=ws_deflate)
+                            ws_per_message_deflate=ws_deflate, **limits)
 
     def started(bound: int) -> None:
         print_urls(banner, host, bound)
@@ -129,28 +145,43 @@ def print_urls(banner: str, host: str, port: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flowtrace.app import DEFAULT_TRACE_URL
+
+    trace_url = ("FLOWTRACE_TRACE_URL", "the live page's link to a run's trace, {trace_id} "
+                 f"replaced (default {DEFAULT_TRACE_URL})")
+    otlp = ("OTEL_EXPORTER_OTLP_ENDPOINT", "export the runs' traces there (OTLP)")
     parser = argparse.ArgumentParser(
-        prog="flowtrace", description="Observability for taskiq pipelines.")
+        prog="flowtrace", description="Observability for taskiq pipelines.",
+        epilog=_environment(trace_url), formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gateway for workers publishing to Redis")
-    serve.add_argument("--redis-url", default=os.environ.get("FLOWTRACE_REDIS_URL"),
-                       help="Redis holding the event stream (env FLOWTRACE_REDIS_URL)")
+    serve = commands.add_parser("serve", help="run the gateway for workers publishing to Redis",
+                                epilog=_environment(trace_url),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--redis-url", type=_or_env(redis_url, "FLOWTRACE_REDIS_URL"),
+                       default=os.environ.get("FLOWTRACE_REDIS_URL") or None,
+                       help="Redis holding the event stream: redis://, rediss:// or unix:// "
+                            "(env FLOWTRACE_REDIS_URL)")
     serve.add_argument("--stream", default="flowtrace:events",
                        help="Redis stream name (default %(default)s)")
     _add_bind(serve)
-    serve.add_argument("--max-connections", type=int,
-                       default=os.environ.get("FLOWTRACE_MAX_CONNECTIONS", "1000"),
-                       help="WebSocket connection limit (env FLOWTRACE_MAX_CONNECTIONS)")
+    serve.add_argument("--max-connections", metavar="N",
+                       type=_or_env(positive_int, "FLOWTRACE_MAX_CONNECTIONS"),
+                       default=os.environ.get("FLOWTRACE_MAX_CONNECTIONS",
+                                              str(DEFAULT_MAX_CONNECTIONS)),
+                       help=f"WebSocket connection limit (default {DEFAULT_MAX_CONNECTIONS}; "
+                            "env FLOWTRACE_MAX_CONNECTIONS)")
     serve.add_argument("--token", default=os.environ.get("FLOWTRACE_TOKEN") or None,
                        help="token required on /ws/* and /api/* (env FLOWTRACE_TOKEN)")
     serve.add_argument("--allowed-origin", dest="allowed_origins", action="extend", nargs="+",
                        metavar="ORIGIN", default=None,
                        help="Origin allowed to open WebSockets (repeatable; default: any)")
-    serve.add_argument("--stale-after", type=float,
-                       default=os.environ.get("FLOWTRACE_STALE_AFTER", "3600"),
+    serve.add_argument("--stale-after", metavar="SECONDS",
+                       type=_or_env(stale_seconds, "FLOWTRACE_STALE_AFTER"),
+                       default=os.environ.get("FLOWTRACE_STALE_AFTER",
+                                              f"{DEFAULT_STALE_AFTER:g}"),
                        help="seconds without events before a run is declared LOST "
-                            "(env FLOWTRACE_STALE_AFTER)")
+                            f"(default {DEFAULT_STALE_AFTER:g}; env FLOWTRACE_STALE_AFTER)")
     serve.add_argument("--ws-deflate", action=argparse.BooleanOptionalAction,
                        default=os.environ.get("FLOWTRACE_WS_DEFLATE", "1").lower()
                        not in ("0", "false", "no", "off"),
@@ -161,15 +192,86 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve, command_parser=serve)
 
-    demo = commands.add_parser("demo", help="everything in one process, with example pipelines")
+    demo = commands.add_parser("demo", help="everything in one process, with example pipelines",
+                               epilog=_environment(trace_url, otlp),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_bind(demo)
     demo.set_defaults(handler=_demo, command_parser=demo)
     return parser
 
 
+def _environment(*variables: tuple[str, str]) -> str:
+    """An epilog listing environment variables (``--help`` shows it as is)."""
+    lines = [f"  {name}\n" + textwrap.fill(text, 78, initial_indent=" " * 6,
+                                            subsequent_indent=" " * 6)
+             for name, text in variables]
+    return "environment:\n" + "\n".join(lines)
+
+
 def _add_bind(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    parser.add_argument("--port", type=tcp_port, default=8000,
+                        help="port, 0 for any free one (default %(default)s)")
+
+
+# Argument types: a bad value (flag or environment variable) is a usage error (exit 2).
+
+def _or_env(check: Callable[[str], T], variable: str) -> Callable[[str], T]:
+    """``check``, whose error also names the environment variable the value may come from."""
+    def parse(text: str) -> T:
+        try:
+            return check(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} (from the flag or {variable})") from None
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def stale_seconds(text: str) -> float:
+    """A positive, finite number of seconds that a ``timedelta`` can hold."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_STALE_AFTER):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive, finite number of seconds, got {text!r}")
+    return value
+
+
+def tcp_port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def redis_url(text: str) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL, checked before anything starts."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid Redis URL {text!r}: {exc}") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"expected a Redis URL (redis://, rediss:// or unix://), got {text!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise argparse.ArgumentTypeError(f"a unix:// URL needs a socket path, got {text!r}")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,8 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.redis_url:
         parser.error("serve needs a Redis URL: pass --redis-url URL or set FLOWTRACE_REDIS_URL")
-    if args.max_connections < 1 or args.stale_after <= 0:
-        parser.error("--max-connections and --stale-after must be positive")
     asyncio.run(_serve_redis(args))
     return 0
 

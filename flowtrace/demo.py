@@ -1,6 +1,6 @@
 """``flowtrace demo``: example pipelines, the gateway and the live page in one process.
 
-The pipelines come from ``examples/demo_pipelines.py`` (a taskiq ``InMemoryBroker``,
+The pipelines come from :mod:`flowtrace.demo_pipelines` (a taskiq ``InMemoryBroker``,
 which runs every task in this process). They are instrumented with
 ``flowtrace.instrument`` (in-memory transport), served by ``create_app`` and kicked
 continuously by a background task, a few runs per second with a bounded number in
@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import logging
 import os
 import random
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -34,31 +30,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import flowtrace
+from flowtrace import demo_pipelines
 from flowtrace.app import create_app
 from flowtrace.events import BaseEvent
 
 logger = logging.getLogger("flowtrace.demo")
 
-PIPELINES_MODULE = "examples.demo_pipelines"
-PIPELINES_FILE = Path(__file__).resolve().parents[1] / "examples" / "demo_pipelines.py"
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
-
-
-def load_pipelines() -> ModuleType:
-    """``examples.demo_pipelines``: from the import path, else from the source tree."""
-    try:
-        return importlib.import_module(PIPELINES_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("examples", PIPELINES_MODULE) or not PIPELINES_FILE.is_file():
-            raise
-    spec = importlib.util.spec_from_file_location(PIPELINES_MODULE, PIPELINES_FILE)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"cannot load {PIPELINES_FILE}", name=PIPELINES_MODULE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PIPELINES_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class InFlight:
@@ -159,8 +138,7 @@ class SocketGate:
 def create_demo_app(*, max_in_flight: int = 24,
                     interval: tuple[float, float] = (0.15, 0.45)) -> FastAPI:
     """The gateway app over the instrumented example broker, kicking runs while it serves."""
-    pipelines = load_pipelines()
-    broker = pipelines.broker
+    broker = demo_pipelines.broker
     in_flight = InFlight(max_in_flight)
     middleware = flowtrace.instrument(broker, hooks=[in_flight], service_name="flowtrace-demo")
     app = create_app(transport=middleware.transport)
@@ -188,7 +166,7 @@ def create_demo_app(*, max_in_flight: int = 24,
         async with gateway_lifespan(inner):
             await broker.startup()
             print_otlp_endpoint()
-            kicker = asyncio.create_task(kick_forever(pipelines, in_flight, interval),
+            kicker = asyncio.create_task(kick_forever(demo_pipelines, in_flight, interval),
                                          name="flowtrace-demo-kicker")
             try:
                 yield

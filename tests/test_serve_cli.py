@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -138,3 +139,105 @@ async def test_per_message_deflate_is_negotiated_unless_turned_off(
             assert ws.response is not None
             accepted = ws.response.headers.get("Sec-WebSocket-Extensions", "")
             assert ("permessage-deflate" in accepted) is deflate, accepted
+
+
+# --------------------------------------------------------------------------- inbound frame limit
+FRAME = 8 * 1024 * 1024
+CLIENTS = 4
+
+
+def peak_rss(pid: int) -> int:
+    """The process's resident-set high-water mark in bytes (Linux ``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+async def send_oversized(port: int, compression: str | None) -> int | None:
+    """Send one FRAME-byte text frame; the close code the server answers with."""
+    async with connect(f"ws://127.0.0.1:{port}/ws/*", open_timeout=10, proxy=None,
+                       compression=compression, close_timeout=10) as ws:
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.send("x" * FRAME)
+            while True:
+                await ws.recv()
+        return closed.value.rcvd.code if closed.value.rcvd is not None else None
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_oversized_frames_are_refused_with_1009_before_they_are_buffered(
+        redis_server: RedisServer, compression: str | None) -> None:
+    with gateway("--redis-url", redis_server.url) as served:
+        peak_before = peak_rss(served.proc.pid)
+        codes = await asyncio.gather(*(send_oversized(served.port, compression)
+                                       for _ in range(CLIENTS)))
+        assert codes == [1009] * CLIENTS
+        # Buffered, the frames would have cost the server at least CLIENTS x FRAME bytes.
+        grown = peak_rss(served.proc.pid) - peak_before
+        assert grown < FRAME // 2, f"peak RSS grew by {grown} bytes"
+
+        async with connect(f"ws://127.0.0.1:{served.port}/ws/*", open_timeout=10,
+                           proxy=None) as ws:  # a frame within the limit still works
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            await ws.send(json.dumps({"type": "ping", "pad": "x" * 4000}))
+            assert json.loads(await ws.recv()) == {"type": "pong"}
+
+
+# --------------------------------------------------------------------------- bad values
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flowtrace.cli", *args], cwd=REPO_ROOT,
+                          env=env or make_env(), capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+BAD_FLAGS = [
+    ("--stale-after", "nan"), ("--stale-after", "inf"), ("--stale-after", "-inf"),
+    ("--stale-after", "0"), ("--stale-after", "1e300"), ("--port", "99999"),
+    ("--port", "-1"), ("--redis-url", "notaurl"), ("--redis-url", "redis://host:99999/0"),
+    ("--max-connections", "0"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value"), BAD_FLAGS)
+def test_a_bad_flag_is_a_usage_error(flag: str, value: str) -> None:
+    args = {"--redis-url": "redis://127.0.0.1:1/0", "--port": str(free_port()), flag: value}
+    result = run_cli("serve", *(item for pair in args.items() for item in pair))
+    assert_usage_error(result, "serve", flag)
+
+
+@pytest.mark.parametrize(("variable", "value", "flag"), [
+    ("FLOWTRACE_STALE_AFTER", "nan", "--stale-after"),
+    ("FLOWTRACE_STALE_AFTER", "inf", "--stale-after"),
+    ("FLOWTRACE_REDIS_URL", "notaurl", "--redis-url"),
+    ("FLOWTRACE_MAX_CONNECTIONS", "many", "--max-connections"),
+])
+def test_a_bad_environment_variable_is_a_usage_error(variable: str, value: str,
+                                                     flag: str) -> None:
+    env = make_env(**{"FLOWTRACE_REDIS_URL": "redis://127.0.0.1:1/0", variable: value})
+    result = run_cli("serve", "--port", str(free_port()), env=env)
+    assert_usage_error(result, "serve", flag)
+    assert variable in result.stderr
+
+
+def test_a_bad_demo_port_is_a_usage_error() -> None:
+    assert_usage_error(run_cli("demo", "--port", "99999"), "demo", "--port")
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], command: str,
+                       flag: str) -> None:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"flowtrace {command}: error: argument {flag}:"), result.stderr
+
+
+def test_help_shows_defaults_and_the_trace_url_variable() -> None:
+    serve = run_cli("serve", "--help")
+    assert serve.returncode == 0, serve
+    text = " ".join(serve.stdout.split())  # argparse wraps lines
+    assert "default 1000" in text and "default 3600" in text, serve.stdout
+    assert "FLOWTRACE_TRACE_URL" in text and "{trace_id}" in text, serve.stdout
+    demo = run_cli("demo", "--help")
+    assert demo.returncode == 0 and "FLOWTRACE_TRACE_URL" in demo.stdout, demo

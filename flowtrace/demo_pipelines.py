@@ -2,7 +2,8 @@
 
 Plain taskiq and taskiq-pipelines code: nothing here knows about flowtrace except
 ``flowtrace.Pipeline``, which only gives each pipeline a name. ``flowtrace.demo``
-instruments :data:`broker` and calls :func:`next_round` over and over.
+instruments :data:`broker` and calls :func:`next_round` over and over. It ships in the
+package (not under ``examples/``) so that an installed ``flowtrace demo`` finds it.
 
 - ``etl``: extract → transform → load, each step sleeping a little.
 - ``thumbnails``: lists ~50 images and maps ``make_thumbnail`` over them (a progress bar).
