@@ -94,29 +94,31 @@ class GracefulServer(uvicorn.Server):
 async def serve_app(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
                     log_level: str = "info", banner: str = "flowtrace gateway",
                     ws_deflate: bool = True) -> None:
-    """Serve a ``create_app`` app until SIGINT/SIGTERM, closing WebSocket clients with 1001.
+    """Serve an app until SIGINT/SIGTERM, closing WebSocket clients with 1001 first.
+
+    A ``create_app`` app, or any FastAPI app that mounts ``flowtrace.websocket.router``
+    (plain uvicorn closes their sockets with 1012 before the app's shutdown code runs).
 
     ``ws_deflate``: negotiate per-message deflate with clients that offer it (browsers
     do). Off, an idle connection costs ~41 KiB instead of ~80 KiB and fan-out capacity
     rises ~1.6x, for 3-5x the bandwidth (docs/benchmarks.md).
     """
     from flowtrace.app import close_clients
+    from flowtrace.websocket.manager import get_fastapi_ws_manager
 
-    manager = getattr(app.state, "flowtrace_manager", None)
+    # create_app's own manager, else the default one that flowtrace's router serves.
+    manager = getattr(app.state, "flowtrace_manager", None) or get_fastapi_ws_manager()
 
     async def before_exit() -> None:
-        if manager is not None:
-            await close_clients(manager)
+        await close_clients(manager)
 
     # The app refuses frames above its inbound limit with 1009, but only once uvicorn has
     # buffered the whole message (up to 16 MiB by default): the protocol layer must refuse
     # them first, with the same code, as soon as the frame header announces the size.
-    limits: dict[str, Any] = {}
-    if manager is not None:
-        limits["ws_max_size"] = int(manager.max_message_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(CLOSE_TIMEOUT),
-                            ws_per_message_deflate=ws_deflate, **limits)
+                            ws_per_message_deflate=ws_deflate,
+                            ws_max_size=int(manager.max_message_bytes))
 
     def started(bound: int) -> None:
         print_urls(banner, host, bound)
