@@ -23,4 +23,6 @@ RUN useradd --create-home --uid 10001 flowtrace
 USER flowtrace
 
 EXPOSE 8000 8080
+# The gateway; it reads its Redis from FLOWTRACE_REDIS_URL:
+#   docker run -p 8000:8000 -e FLOWTRACE_REDIS_URL=redis://redis-host:6379/0 flowtrace
 CMD ["flowtrace", "serve", "--host", "0.0.0.0", "--port", "8000"]
