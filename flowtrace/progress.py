@@ -59,11 +59,12 @@ class ProgressMonitor:
         return await self.transport.read_counts(self.key)
 
     async def finish(self, done: int, failed: int) -> None:
-        """Stop polling and report the final counts (always, even if unchanged)."""
+        """Stop polling and make sure the last report is the final counts (once)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self.last = (done, failed)
-        await self.report(done, failed)
+        if self.last != (done, failed):
+            self.last = (done, failed)
+            await self.report(done, failed)

@@ -181,6 +181,8 @@ async def test_map_and_filter_report_progress_to_the_total(
             e for e in events if e.type == "StepCompleteEvent" and e.step_index == index))
         assert all(events.index(p) < complete_at for p in progress)
         assert all(a.done <= b.done for a, b in itertools.pairwise(progress))
+        assert all((a.done, a.failed) != (b.done, b.failed)  # coalesced: no repeats
+                   for a, b in itertools.pairwise(progress)), progress
     kept = next(e for e in events if e.type == "StepCompleteEvent" and e.step_index == 2)
     assert kept.result == [4, 6, 8]
 
