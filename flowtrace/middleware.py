@@ -751,6 +751,12 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                                  and execution.exception is None):
             execution.phase = HANDOFF  # the task chose to store no result
             return None
+        if (isinstance(exception, NoResultError) and execution.run.type == "task"
+                and not execution.retry_pending):
+            # taskiq: the task "skipped setting result", which is no failure. (A pipeline's
+            # step cannot hand on a result it did not store: that fails its run below.)
+            self._step_saved(execution)
+            return None
         if execution.monitor is not None:
             return _guarded(self._after_final_progress(
                 execution, True, self._step_failed, exception), None, "post_execute")

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from taskiq import InMemoryBroker, TaskiqMiddleware
+from taskiq.exceptions import NoResultError
 from taskiq.middlewares import SimpleRetryMiddleware, SmartRetryMiddleware
 from taskiq_pipelines import Pipeline as PlainPipeline
 from taskiq_pipelines import PipelineMiddleware
@@ -348,6 +349,26 @@ async def test_instrumenting_twice_keeps_one_middleware(
         ("StepStartEvent", 1), ("StepCompleteEvent", 1), ("PipelineCompleteEvent", None),
     ]
     assert events[2].result == [0, 1, 2]
+
+
+async def test_a_plain_task_that_skips_its_result_completes() -> None:
+    """taskiq's ``NoResultError``: the task ran and chose to store nothing."""
+    broker, collector, _ = build()
+
+    @broker.task(task_name="skips_result")
+    async def skips_result() -> int:
+        raise NoResultError
+
+    await broker.startup()
+    try:
+        kicked = await skips_result.kiq()
+        events = await collector.wait_terminal(kicked.task_id)
+    finally:
+        await broker.shutdown()
+    assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
+                             ("StepCompleteEvent", 0), ("PipelineCompleteEvent", None)]
+    check_common(events, kicked.task_id, "skips_result", "task")
+    assert events[-1].result is None
 
 
 async def test_retries_exhausted_fail_once(env: tuple[InMemoryBroker, Collector]) -> None:
