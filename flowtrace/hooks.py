@@ -98,6 +98,7 @@ class _Subscription:
         self.backlog = backlog
         self.pending: deque[Offered] = deque()
         self.delivering = 0
+        self.stopped = False  # removed: never called again, the worker and thread end
         self.worker: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
@@ -108,6 +109,8 @@ class _Subscription:
     def offer(self, event: Offered, loop: asyncio.AbstractEventLoop) -> bool:
         """Queue ``event`` (False when the backlog is full)."""
         if self.loop is not loop or self.worker is None:  # a worker that ended is None
+            if self.stopped:
+                return True  # removed meanwhile: nothing to deliver, nothing lost
             self._start(loop)
         pending = self.pending
         if len(pending) >= self.backlog:
@@ -137,7 +140,7 @@ class _Subscription:
     async def _drain(self) -> None:
         pending, idle = self.pending, self._idle
         assert self.loop is not None and idle is not None
-        while True:
+        while not self.stopped:
             if not pending:
                 idle.set()
                 self._wakeup = self.loop.create_future()
@@ -177,6 +180,8 @@ class _Subscription:
         sync_calls: list[tuple[str, Any, BaseEvent]] = []
         cache = self._method_cache
         for item in batch:
+            if self.stopped:
+                return
             kind = EVENT_CLASSES[item["type"]] if isinstance(item, dict) else type(item)
             calls = cache.get(kind) or self._methods(kind)
             if not calls:  # nothing to call: no model is built
@@ -190,6 +195,8 @@ class _Subscription:
                 if sync_calls:
                     await self._run_sync(sync_calls)
                     sync_calls = []
+                if self.stopped:
+                    return
                 try:
                     await method(event)
                 except Exception:  # noqa: BLE001 - logged and counted by _failed
@@ -203,12 +210,16 @@ class _Subscription:
 
     async def _run_sync(self, calls: list[tuple[str, Any, BaseEvent]]) -> None:
         """Sync hooks run on their own thread so a slow one never stalls the event loop."""
+        if self.stopped:
+            return
         if self.executor is None:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"flowtrace-hook-{self.name}")
         await asyncio.get_running_loop().run_in_executor(self.executor, self._call_all, calls)
 
     def _call_all(self, calls: list[tuple[str, Any, BaseEvent]]) -> None:
         for name, method, event in calls:
+            if self.stopped:
+                return
             try:
                 method(event)
             except Exception:  # noqa: BLE001 - logged and counted by _failed
@@ -218,6 +229,36 @@ class _Subscription:
     def queued(self) -> int:
         """Events offered and not yet fully delivered."""
         return len(self.pending) + self.delivering
+
+    def stop(self) -> None:
+        """No call starts after this (one in progress may finish); the worker and thread end.
+
+        Callable from any thread: the worker, if it waits for events, is woken on its loop.
+        """
+        self.stopped = True
+        self.pending.clear()
+        if self.executor is not None:
+            # Its thread ends once the call in progress, if any, returns.
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+        worker = self.worker
+        if worker is None or worker.done():
+            return
+        loop = worker.get_loop()
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._wake()
+        else:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: so is the worker
+                loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     async def close(self, timeout: float) -> None:
         idle = self._idle
@@ -251,7 +292,15 @@ class HookManager:
         self._subscriptions.append(_Subscription(hook, filter, self.backlog))
 
     def remove_hook(self, hook: Any) -> None:
-        self._subscriptions = [s for s in self._subscriptions if s.hook is not hook]
+        """Once this returns ``hook`` is called no more (a call in progress may finish);
+        events still queued for it are discarded and its worker task and thread end."""
+        kept: list[_Subscription] = []
+        for subscription in self._subscriptions:
+            if subscription.hook is hook:
+                subscription.stop()
+            else:
+                kept.append(subscription)
+        self._subscriptions = kept
 
     def add_filter(self, event_filter: EventFilter) -> None:
         """A manager-wide filter: every added filter must pass."""
@@ -270,12 +319,12 @@ class HookManager:
         try:
             loop = _get_running_loop()
         except RuntimeError:
-            self._drop("no_event_loop")
+            self._drop(metrics.DROP_NO_EVENT_LOOP)
             return
         for subscription in subscriptions:
             wanted = subscription.filter is None or subscription.filter.matches(event)
             if wanted and not subscription.offer(event, loop):
-                self._drop("hook_backlog")
+                self._drop(metrics.DROP_HOOK_BACKLOG)
 
     def _passes_filters(self, event: Offered) -> bool:
         """Every manager-wide filter passes (not a genexpr in ``emit_nowait``: its closure

@@ -14,8 +14,12 @@ their names, which are low-cardinality by construction.
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from flowtrace.events import EVENT_TYPES
 
 # Runs and steps last from milliseconds (a no-op task) to an hour (a batch job):
 # roughly logarithmic buckets, dense below a second where most steps land, with
@@ -31,6 +35,36 @@ QUEUE_WAIT_BUCKETS = (
 )
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# The ``reason`` label values, defined here only. They are closed sets, as are the event
+# types of ``flowtrace_events_total``, so every series of them is created at 0 with its
+# counter: Prometheus's rate() and increase() ignore a series' first sample, and a counter
+# born at its first drop would hide that drop from dashboards and alerts.
+DROP_BUFFER_FULL: Final = "buffer_full"  # a transport's publish buffer overflowed
+DROP_CLOSED: Final = "closed"  # published to, or still buffered in, a closed transport
+DROP_HOOK_BACKLOG: Final = "hook_backlog"  # a hook fell too far behind
+DROP_INVALID_EVENT: Final = "invalid_event"  # a payload on the transport did not parse
+DROP_NO_EVENT_LOOP: Final = "no_event_loop"  # emitted outside an event loop: no hook got it
+DROP_REDIS_ERROR: Final = "redis_error"  # Redis rejected a batch
+DROP_SUBSCRIBER_OVERFLOW: Final = "subscriber_overflow"  # an in-memory subscriber fell behind
+DROP_UNSERIALIZABLE: Final = "unserializable"  # an event could not be encoded as JSON
+EVENT_DROP_REASONS: Final = (
+    DROP_BUFFER_FULL, DROP_CLOSED, DROP_HOOK_BACKLOG, DROP_INVALID_EVENT, DROP_NO_EVENT_LOOP,
+    DROP_REDIS_ERROR, DROP_SUBSCRIBER_OVERFLOW, DROP_UNSERIALIZABLE,
+)
+"""``flowtrace_events_dropped_total{reason}``."""
+
+WS_DROP_SLOW_CONSUMER: Final = "slow_consumer"  # queued for a client closed 4008
+WS_DROP_CLOSED: Final = "closed"  # queued for a client closed for another reason
+WS_DROP_SHUTDOWN: Final = "shutdown"  # queued for a client closed 1001 (going away)
+WS_DROP_REASONS: Final = (WS_DROP_SLOW_CONSUMER, WS_DROP_CLOSED, WS_DROP_SHUTDOWN)
+"""``flowtrace_ws_messages_dropped_total{reason}``."""
+
+REJECT_LIMIT: Final = "limit"  # max_connections reached (close 1013)
+REJECT_AUTH: Final = "auth"  # missing or wrong token (close 1008)
+REJECT_ORIGIN: Final = "origin"  # Origin not allowed (HTTP 403)
+WS_REJECT_REASONS: Final = (REJECT_LIMIT, REJECT_AUTH, REJECT_ORIGIN)
+"""``flowtrace_ws_connections_rejected_total{reason}`` (SPEC §5)."""
 
 PROCESS_REGISTRY = CollectorRegistry(auto_describe=True)
 HOOK_ERRORS = Counter(
@@ -52,6 +86,7 @@ def count_hook_error(hook: str) -> None:
 
 
 def count_drop(reason: str, count: int = 1) -> None:
+    """``reason`` is one of :data:`EVENT_DROP_REASONS`."""
     EVENTS_DROPPED.labels(reason=reason).inc(count)
 
 
@@ -92,6 +127,9 @@ class GatewayMetrics:
         self.ws_dropped = Counter(
             "flowtrace_ws_messages_dropped_total", "Messages not delivered to a WebSocket client.",
             ["reason"], registry=r)
+        _create_series(self.events, "type", EVENT_TYPES)
+        _create_series(self.ws_rejected, "reason", WS_REJECT_REASONS)
+        _create_series(self.ws_dropped, "reason", WS_DROP_REASONS)
 
     # Runs -----------------------------------------------------------------
     def run_started(self, pipeline: str) -> None:
@@ -128,7 +166,7 @@ class GatewayMetrics:
         self.ws_connections.dec()
 
     def ws_connection_rejected(self, reason: str) -> None:
-        """``reason`` is limit, auth or origin."""
+        """``reason`` is one of :data:`WS_REJECT_REASONS`."""
         self.ws_rejected.labels(reason=reason).inc()
 
     def ws_messages_sent(self, count: int = 1) -> None:
@@ -140,6 +178,15 @@ class GatewayMetrics:
     def render(self) -> bytes:
         """Prometheus text for this gateway plus this process's own counters."""
         return generate_latest(self.registry) + generate_latest(PROCESS_REGISTRY)
+
+
+def _create_series(counter: Counter, label: str, values: tuple[str, ...]) -> None:
+    """Expose ``counter{label=value}`` at 0 for each value, before anything is counted."""
+    for value in values:
+        counter.labels(**{label: value})
+
+
+_create_series(EVENTS_DROPPED, "reason", EVENT_DROP_REASONS)
 
 
 def render_process_metrics() -> bytes:

@@ -16,6 +16,8 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowtrace.events import BaseEvent
+from flowtrace.metrics import REJECT_AUTH, REJECT_LIMIT, REJECT_ORIGIN
+from flowtrace.transport.base import Transport
 from flowtrace.websocket.manager import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
@@ -23,6 +25,7 @@ from flowtrace.websocket.manager import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     FastAPIWebSocketManager,
+    Subscription,
     WebSocketClient,
     get_fastapi_ws_manager,
     normalize_origin,
@@ -92,7 +95,7 @@ async def fastapi_websocket_endpoint(websocket: WebSocket, pipeline_id: str,
         manager = manager_for(websocket)
 
     if not origin_allowed(websocket, manager.allowed_origins):
-        manager.count_rejected("origin")
+        manager.count_rejected(REJECT_ORIGIN)
         await websocket.close(code=CLOSE_POLICY_VIOLATION)  # before accept: HTTP 403
         return
 
@@ -101,14 +104,14 @@ async def fastapi_websocket_endpoint(websocket: WebSocket, pipeline_id: str,
     if manager.token is not None:
         supplied = websocket.query_params.get("token") or _subprotocol_token(subprotocols)
         if not token_matches(supplied, manager.token):
-            manager.count_rejected("auth")
+            manager.count_rejected(REJECT_AUTH)
             await _accept_and_close(websocket, subprotocol, CLOSE_POLICY_VIOLATION,
                                     "unauthorized")
             return
 
     client = manager.register(websocket)
     if client is None:
-        manager.count_rejected("limit")
+        manager.count_rejected(REJECT_LIMIT)
         await _accept_and_close(websocket, subprotocol, CLOSE_TRY_AGAIN_LATER,
                                 "too many connections")
         return
@@ -239,12 +242,19 @@ class _Session:
         sub = manager.subscribe(client, channel, request.event_types, resuming=True)
         last_replayed: str | None = None
         try:
-            last_replayed = await self._replay(request)
+            last_replayed = await self._replay(request, sub)
         finally:
             manager.finish_resume(client, sub, last_replayed)
 
-    async def _replay(self, request: Subscribe) -> str | None:
-        """Send retained events after ``since``; the id of the last event read, if any."""
+    async def _replay(self, request: Subscribe, sub: Subscription) -> str | None:
+        """Send retained events after ``since``; the id of the last event read, if any.
+
+        Live events wait in ``sub.held`` meanwhile. When too many arrive the manager lets
+        go of them (``sub.reread``) and the replay reads on, from where it stopped to the
+        transport's end then, until a pass ends with nothing let go: it catches up by
+        reading again rather than holding (a client reading faster than events arrive
+        converges; memory stays bounded).
+        """
         manager, client = self.manager, self.client
         since = request.since
         assert since is not None
@@ -253,27 +263,45 @@ class _Session:
             manager.send_nowait(client, error_message(
                 "history_truncated", "this server keeps no event history; live events only"))
             return None
-        try:
-            truncated = await transport.is_history_truncated(since)
-        except Exception:  # a transport that cannot tell: say so rather than promise
-            logger.warning("is_history_truncated failed", exc_info=True)
-            truncated = True
-        if truncated:
+        if await _history_truncated(transport, since):
             manager.send_nowait(client, error_message(
                 "history_truncated",
                 f"events after {since} are no longer all retained; replaying what is kept"))
-        channel, types = request.pipeline_id, request.event_types
         last: str | None = None
+        while True:
+            sub.reread = False
+            last, complete = await self._replay_pass(transport, request, last or since, last)
+            if not complete or not sub.reread or not manager.resuming(client, sub):
+                return last
+            if await _history_truncated(transport, last or since):
+                manager.send_nowait(client, error_message(
+                    "history_truncated",
+                    f"events after {last or since} were trimmed while this client caught up"))
+
+    async def _replay_pass(self, transport: Transport, request: Subscribe, start: str,
+                           last: str | None) -> tuple[str | None, bool]:
+        """One replay from ``start`` to the transport's end; (last id read, completed)."""
+        manager, client = self.manager, self.client
+        channel, types = request.pipeline_id, request.event_types
         try:
-            async for event in transport.replay(since):
+            async for event in transport.replay(start):
                 last = event.id
                 if not _matches(event, channel, types):
                     continue
                 if not await manager.send_when_ready(client, event.model_dump_json()):
-                    break
+                    return last, False
         except Exception:
-            logger.warning("replay from %s failed", since, exc_info=True)
-        return last
+            logger.warning("replay from %s failed", start, exc_info=True)
+            return last, False
+        return last, True
+
+
+async def _history_truncated(transport: Transport, since: str) -> bool:
+    try:
+        return await transport.is_history_truncated(since)
+    except Exception:  # a transport that cannot tell: say so rather than promise
+        logger.warning("is_history_truncated failed", exc_info=True)
+        return True
 
 
 def _matches(event: BaseEvent, channel: str, types: frozenset[str] | None) -> bool:

@@ -7,6 +7,11 @@ of every interested client; one writer task per client drains its outbox with
 messages are discarded and it is closed with 4008, so nobody else ever waits for
 it. Every close after the handshake goes through the writer, so a close code
 always follows the messages that were queued before it (an ``error`` before 1008).
+
+A resume (``since``) replays from the transport while live events keep arriving: those
+wait in a bounded list, and when it overflows they are let go and the replay reads on
+to the transport's new end, which retains them too. So a resume costs bounded memory
+whatever its length, and only a client that stops reading is closed 4008.
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowtrace.events import BaseEvent
-from flowtrace.metrics import GatewayMetrics
+from flowtrace.metrics import (
+    WS_DROP_CLOSED,
+    WS_DROP_SHUTDOWN,
+    WS_DROP_SLOW_CONSUMER,
+    GatewayMetrics,
+)
 from flowtrace.transport.base import Transport, id_sort_key
 from flowtrace.websocket.protocol import ALL
 
@@ -39,6 +49,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_SLOW_CONSUMER = 4008
 STALLED_CLIENT_TIMEOUT = 60.0
 """Seconds after a 4008 before a client that still does not read is dropped outright."""
+RESUME_STALL_TIMEOUT = 5.0
+"""Seconds a resuming client's socket may take nothing, while live events overflow, before
+it is a slow consumer (live clients are one as soon as their outbox is full)."""
 
 _SENT_FLUSH_EVERY = 256
 """Writers add to the sent counters in batches (and whenever their outbox empties)."""
@@ -61,9 +74,13 @@ class Subscription:
     While resuming (``held`` is a list) live events are parked in ``held`` until the
     replay is done; afterwards ``floor`` (the last replayed id) drops live events the
     replay already delivered, which happens when the gateway lags the transport.
+    ``held`` is bounded: on overflow it is emptied and ``reread`` set, telling the
+    replay to read on from the transport. ``progress``/``progress_at``: the client's
+    ``delivered`` count when last seen moving, to tell a stalled client from a busy one.
     """
 
-    __slots__ = ("event_types", "floor", "held", "pipeline_id")
+    __slots__ = ("event_types", "floor", "held", "pipeline_id", "progress", "progress_at",
+                 "reread")
 
     def __init__(self, pipeline_id: str, event_types: frozenset[str] | None,
                  resuming: bool = False) -> None:
@@ -71,6 +88,9 @@ class Subscription:
         self.event_types = event_types
         self.held: list[tuple[tuple[int, int] | None, str]] | None = [] if resuming else None
         self.floor: tuple[int, int] | None = None
+        self.reread = False
+        self.progress = 0
+        self.progress_at = 0.0
 
     def accepts(self, event_type: str) -> bool:
         return self.event_types is None or event_type in self.event_types
@@ -84,7 +104,7 @@ class WebSocketClient:
     """Server-side state of one connection: subscriptions, outbox, tasks."""
 
     __slots__ = (
-        "bad_frames", "close_request", "finished", "outbox", "reader", "space",
+        "bad_frames", "close_request", "delivered", "finished", "outbox", "reader", "space",
         "subscriptions", "wakeup", "want_space", "websocket", "writer",
     )
 
@@ -100,6 +120,7 @@ class WebSocketClient:
         self.reader: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
         self.bad_frames = 0
+        self.delivered = 0  # messages written to the socket
 
     @property
     def closing(self) -> bool:
@@ -128,6 +149,7 @@ class FastAPIWebSocketManager:
         token: str | None = None,
         allowed_origins: Iterable[str] | None = None,
         close_timeout: float = 5.0,
+        resume_stall_timeout: float = RESUME_STALL_TIMEOUT,
     ) -> None:
         if min(max_connections, send_queue_size, max_message_bytes, max_subscriptions,
                max_bad_frames) < 1:
@@ -146,12 +168,18 @@ class FastAPIWebSocketManager:
             else frozenset(normalize_origin(origin) for origin in allowed_origins)
         )
         self.close_timeout = close_timeout
+        self.resume_stall_timeout = resume_stall_timeout
+        # A replay fills the outbox up to half; live events held meanwhile get the rest, so
+        # that going live never overfills the outbox of a client that kept up.
+        self.replay_limit = max(1, send_queue_size // 2)
+        self.held_limit = send_queue_size - self.replay_limit
         self._clients: set[WebSocketClient] = set()
         self._channels: dict[str, set[WebSocketClient]] = {}
         self._messages_sent = 0
         self._dropped: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
         self._slow_consumer_disconnects = 0
+        self._resume_rereads = 0
         self._local_epoch = time.time_ns() // 1_000_000
         self._local_seq = itertools.count(1)
 
@@ -186,6 +214,7 @@ class FastAPIWebSocketManager:
             "connections_rejected": sum(self._rejected.values()),
             "connections_rejected_by_reason": dict(self._rejected),
             "slow_consumer_disconnects": self._slow_consumer_disconnects,
+            "resume_rereads": self._resume_rereads,
         }
 
     # ------------------------------------------------------------------ fan-out
@@ -209,6 +238,7 @@ class FastAPIWebSocketManager:
         text: str | None = None
         queued = 0
         slow: list[WebSocketClient] = []
+        overflowing: list[tuple[WebSocketClient, Subscription]] | None = None
         for clients in (direct, wildcard):
             if not clients:
                 continue
@@ -231,12 +261,16 @@ class FastAPIWebSocketManager:
                     if held is None:  # pragma: no cover - _route only parks in resuming subs
                         continue
                     held.append((event_key, text))
-                    if len(held) > self.send_queue_size:
-                        slow.append(client)
-                        continue
+                    if len(held) > self.held_limit:
+                        if overflowing is None:
+                            overflowing = []
+                        overflowing.append((client, verdict))
                 queued += 1
         for client in slow:
             self._disconnect_slow_consumer(client)
+        if overflowing is not None:
+            for client, sub in overflowing:
+                self._release_held(client, sub)
         return queued
 
     @staticmethod
@@ -258,17 +292,42 @@ class FastAPIWebSocketManager:
             return _SEND_NOW
         return hold
 
-    def _disconnect_slow_consumer(self, client: WebSocketClient) -> None:
+    def _release_held(self, client: WebSocketClient, sub: Subscription) -> None:
+        """Too many live events arrived during ``sub``'s replay: let go of them.
+
+        The replay reads them again from the transport, which retains every event the
+        gateway consumed (ids from the transport). A client whose socket has taken
+        nothing for ``resume_stall_timeout`` while it has messages waiting is closed 4008.
+        """
+        held = sub.held
+        if held is None or client.closing:
+            return
+        now = time.monotonic()
+        if client.delivered != sub.progress or not client.outbox:
+            sub.progress, sub.progress_at = client.delivered, now
+        elif now - sub.progress_at >= self.resume_stall_timeout:
+            self._disconnect_slow_consumer(client, unqueued=0)
+            return
+        if any(event_key is None for event_key, _ in held):
+            # Not from the transport (a bridge's event): it could not be read again.
+            self._disconnect_slow_consumer(client, unqueued=0)
+            return
+        held.clear()
+        sub.reread = True
+        self._resume_rereads += 1
+
+    def _disconnect_slow_consumer(self, client: WebSocketClient, unqueued: int = 1) -> None:
+        """Close ``client`` 4008; ``unqueued``: messages for it that were never queued."""
         if client.closing:
             return
         self._slow_consumer_disconnects += 1
         # The message that did not fit, what is parked for resumes, then the outbox.
         parked = sum(len(sub.held) for sub in client.subscriptions.values() if sub.held)
-        self._count_dropped("slow_consumer", 1 + parked)
+        self._count_dropped(WS_DROP_SLOW_CONSUMER, unqueued + parked)
         logger.info("closing slow WebSocket consumer (%d messages dropped)",
-                    1 + parked + len(client.outbox))
+                    unqueued + parked + len(client.outbox))
         self.request_close(client, CLOSE_SLOW_CONSUMER, "slow consumer", discard=True,
-                           drop_reason="slow_consumer")
+                           drop_reason=WS_DROP_SLOW_CONSUMER)
         # A peer that never reads again blocks its writer in send(), so the 4008 can never
         # be written and the connection would hold its slot forever: give up on it after a
         # while (long enough for a slow reader that drains later to still get its 4008).
@@ -314,6 +373,8 @@ class FastAPIWebSocketManager:
                   event_types: frozenset[str] | None, resuming: bool = False) -> Subscription:
         """Add or replace ``client``'s subscription to ``pipeline_id``."""
         sub = Subscription(pipeline_id, event_types, resuming)
+        if resuming:
+            sub.progress, sub.progress_at = client.delivered, time.monotonic()
         if client.closing:
             return sub  # detached: a closing client receives nothing more
         client.subscriptions[pipeline_id] = sub
@@ -366,13 +427,19 @@ class FastAPIWebSocketManager:
         client.wakeup.set()
         return True
 
-    async def send_when_ready(self, client: WebSocketClient, text: str) -> bool:
-        """Queue one replayed message, waiting while the outbox is half full.
+    def resuming(self, client: WebSocketClient, sub: Subscription) -> bool:
+        """``sub`` is still ``client``'s subscription and still waits for its replay."""
+        return (not client.closing and sub.held is not None
+                and client.subscriptions.get(sub.pipeline_id) is sub)
 
-        Replay leaves half the outbox to live traffic, so a resume never turns a
-        healthy client into a "slow consumer". False once the client is closing.
+    async def send_when_ready(self, client: WebSocketClient, text: str) -> bool:
+        """Queue one replayed message, waiting while the outbox holds ``replay_limit``.
+
+        Replay leaves the rest of the outbox to the live events held meanwhile, so a
+        resume never turns a healthy client into a "slow consumer". False once the
+        client is closing.
         """
-        limit = max(1, self.send_queue_size // 2)
+        limit = self.replay_limit
         while len(client.outbox) >= limit:
             if client.closing:
                 return False
@@ -394,7 +461,7 @@ class FastAPIWebSocketManager:
         """
         if discard and client.outbox:
             if drop_reason is None:
-                drop_reason = "shutdown" if code == CLOSE_GOING_AWAY else "closed"
+                drop_reason = WS_DROP_SHUTDOWN if code == CLOSE_GOING_AWAY else WS_DROP_CLOSED
             self._count_dropped(drop_reason, len(client.outbox))
             client.outbox.clear()
         if client.close_request is None:
@@ -428,6 +495,7 @@ class FastAPIWebSocketManager:
                     client.want_space = False
                     client.space.set()
                 await websocket.send_text(text)
+                client.delivered += 1
                 sent += 1
                 if sent >= _SENT_FLUSH_EVERY:
                     self._count_sent(sent)
