@@ -271,7 +271,8 @@ async def test_foreign_origin_is_refused_at_the_handshake(server: LiveServer) ->
         await connect(server, "/ws/run-1", origin="https://evil.example")
     assert refused.value.response.status_code == 403
 
-    for origin in ["https://app.example", "https://APP.example/", None]:
+    own = f"http://127.0.0.1:{server.port}"  # the gateway's own live page
+    for origin in ["https://app.example", "https://APP.example/", None, own]:
         ws = await connect(server, "/ws/run-1", origin=origin)
         await subscribed(ws)
         await ws.close()
