@@ -17,6 +17,7 @@ import httpx
 import pytest
 import websockets
 
+from flowtrace import metrics
 from flowtrace.events import EVENT_TYPES
 from flowtrace.metrics import EVENT_DROP_REASONS, WS_DROP_REASONS, WS_REJECT_REASONS
 from tests.support.gateway_proc import GatewayProcess, metric_value, serve_gateways
@@ -117,12 +118,13 @@ def test_worker_metrics_port_exposes_every_drop_reason_at_zero(
 
 
 def test_every_drop_reason_counted_in_flowtrace_is_a_known_one() -> None:
-    """Reasons are defined in flowtrace.metrics; a literal elsewhere must be one of them,
-    or its series would not exist at 0."""
-    literal = re.compile(r"""count_drop\(\s*["'](\w+)["']""")
+    """Reasons are defined in flowtrace.metrics; a literal or ``DROP_*`` constant counted
+    elsewhere must be one of them, or its series would not exist at 0."""
+    counted = re.compile(r"""count_drop\(\s*(?:["'](\w+)["']|(?:metrics\.)?(DROP_\w+))""")
     used: dict[str, set[str]] = {}
     for path in (Path(REPO_ROOT) / "flowtrace").rglob("*.py"):
-        for reason in literal.findall(path.read_text()):
+        for literal, constant in counted.findall(path.read_text()):
+            reason = literal or getattr(metrics, constant, constant)
             used.setdefault(reason, set()).add(path.name)
     assert used, "the scan found no drop at all: the pattern is stale"
     unknown = {reason: files for reason, files in used.items()

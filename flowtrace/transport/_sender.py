@@ -38,6 +38,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flowtrace.events import BaseEvent, Event, InvalidEvent, parse_event
+from flowtrace.metrics import (
+    DROP_BUFFER_FULL,
+    DROP_CLOSED,
+    DROP_INVALID_EVENT,
+    DROP_REDIS_ERROR,
+    DROP_UNSERIALIZABLE,
+)
 from flowtrace.transport.base import Transport
 
 log = logging.getLogger("flowtrace.transport")
@@ -126,7 +133,7 @@ def decode_event(raw: object, count_drop: Callable[[str], None], where: str) -> 
         return parse_event(raw)
     except InvalidEvent as exc:
         log.warning("flowtrace: skipping invalid event at %s: %s", where, exc)
-        count_drop("invalid_event")
+        count_drop(DROP_INVALID_EVENT)
         return None
 
 
@@ -235,11 +242,11 @@ class BatchSender:
     def submit(self, op: Op) -> None:
         """Queue ``op`` (never waits); beyond ``buffer_size`` the oldest queued op is dropped."""
         if self._closed:
-            self._count_drop("closed", 1)
+            self._count_drop(DROP_CLOSED, 1)
             return
         if len(self._buffer) >= self._buffer_size:
             self._buffer.popleft()
-            self._count_drop("buffer_full", 1)
+            self._count_drop(DROP_BUFFER_FULL, 1)
         self._submitted += 1
         self._buffer.append((self._submitted, op))
         self._wakeup.set()
@@ -272,7 +279,7 @@ class BatchSender:
             await asyncio.wait([self._task])
         self._closed = True
         if self.pending:
-            self._count_drop("closed", self.pending)
+            self._count_drop(DROP_CLOSED, self.pending)
         self._buffer.clear()
         self._in_flight = []
 
@@ -422,7 +429,7 @@ class BatchSender:
         if errors:
             log.warning("flowtrace: Redis rejected %d command(s), e.g. %s", len(errors),
                         describe(errors[0][0]))
-            self._count_drop("redis_error", sum(size for _, size in errors))
+            self._count_drop(DROP_REDIS_ERROR, sum(size for _, size in errors))
 
 
 class SenderBackedTransport(Transport, Publishing):
@@ -453,7 +460,7 @@ class SenderBackedTransport(Transport, Publishing):
             payload = event.model_dump_json()
         except Exception as exc:  # noqa: BLE001 - publish never raises into the caller
             log.warning("flowtrace: dropping unserializable %s: %r", type(event).__name__, exc)
-            self._count_drop("unserializable")
+            self._count_drop(DROP_UNSERIALIZABLE)
             return
         self._sender.submit(payload)
 

@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
 from flowtrace.events import BaseEvent, Event, EventFields, event_of
+from flowtrace.metrics import DROP_SUBSCRIBER_OVERFLOW
 from flowtrace.transport.base import FROM_BEGINNING, Transport
 
 _ID = re.compile(r"([0-9]+)-([0-9]{1,18})")
@@ -102,7 +103,7 @@ class InMemoryTransport(Transport):
             try:
                 queue.put_nowait(entry)
             except asyncio.QueueFull:
-                self._count_drop("subscriber_overflow")
+                self._count_drop(DROP_SUBSCRIBER_OVERFLOW)
 
     def subscribe(self, since: str | None = None) -> AsyncIterator[Event]:
         """Live events from now on; with ``since``, every retained event after it first.
