@@ -229,36 +229,31 @@ def _or_env(check: Callable[[str], T], variable: str) -> Callable[[str], T]:
     return parse
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert: Callable[[str], T], fits: Callable[[T], bool],
+            expected: str) -> T:
+    """``convert(text)`` when it succeeds and ``fits``; else a usage error naming ``expected``."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        pass
+    else:
+        if fits(value):
+            return value
+    raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda value: value >= 1, "a positive integer")
 
 
 def stale_seconds(text: str) -> float:
     """A positive, finite number of seconds that a ``timedelta`` can hold."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= MAX_STALE_AFTER):
-        raise argparse.ArgumentTypeError(
-            f"expected a positive, finite number of seconds, got {text!r}")
-    return value
+    return _number(text, float, lambda value: math.isfinite(value) and 0 < value <= MAX_STALE_AFTER,
+                   "a positive, finite number of seconds")
 
 
 def tcp_port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
-    return value
+    return _number(text, int, lambda value: 0 <= value <= 65535, "a port from 0 to 65535")
 
 
 def redis_url(text: str) -> str:

@@ -303,14 +303,10 @@ def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
     return _truncate(text, max_bytes)
 
 
-def _jsonable(value: Any) -> Any:
-    """The JSON encoder's fallback for what it cannot encode itself: pydantic's JSON form
-    (a model's fields, ISO datetimes, ...); raises for anything pydantic cannot encode."""
-    return to_jsonable_python(value)
-
-
+# What the encoder cannot encode itself takes pydantic's JSON form (a model's fields, ISO
+# datetimes, ...); what pydantic cannot encode either raises, and preview() shows its repr.
 _COMPACT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-                            default=_jsonable)
+                            default=to_jsonable_python)
 
 
 def _json_size_bound(value: Any, budget: int) -> int | None:

@@ -740,9 +740,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         """The task raised (or chose to store no result): report a failure."""
         if execution.role is ITEM:
             if execution.retry_pending:
-                if execution.phase is not DONE:  # (else reported when it was re-kicked)
-                    self._item_retried(execution, execution.exception or result.error
-                                       or RuntimeError("task failed"))
+                self._item_retried(execution)  # (once: usually when it was re-kicked)
             else:
                 self._finish_item(execution, failed=True)
             return None
@@ -810,10 +808,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     async def _retry_kicked(self, execution: Execution) -> None:
         """A retry middleware re-kicked the failing task: report the attempt first."""
         execution.retry_pending = True
-        exception = execution.exception or RuntimeError("task failed")
         if execution.role is ITEM:
-            self._item_retried(execution, exception)
+            self._item_retried(execution)
             return
+        exception = execution.exception or RuntimeError("task failed")
         execution.duration_ms = (time.perf_counter_ns() - execution.started_perf_ns) / 1e6
         await self._finish_monitor(execution, failed=True)
         self._report_error(execution, exception, will_retry=True)
@@ -920,18 +918,21 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 "flowtrace.step.total": total,
             })
 
-    def _item_retried(self, execution: Execution, exception: BaseException) -> None:
+    def _item_retried(self, execution: Execution) -> None:
         """A map/filter item's attempt failed and runs again: its span ends, nothing else.
 
         An item's attempts are not the step's (the step neither fails nor retries), and
-        the item is counted once, by the attempt that settles it.
+        the item is counted once, by the attempt that settles it. Does nothing the second
+        time (re-kicked, then raised).
         """
+        if execution.phase is DONE:
+            return
         execution.phase = DONE
         span = execution.span
         if span is not None:
             now = time.time_ns()
             if span.sampled:
-                span.record_error(exception, now)
+                span.record_error(execution.exception or RuntimeError("task failed"), now)
                 span.record_attributes({"flowtrace.step.will_retry": True})
             self._end_span(span, now)
 

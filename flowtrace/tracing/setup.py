@@ -49,10 +49,6 @@ def _exporter_names() -> list[str]:
     return [name for name in dict.fromkeys(names) if name in _EXPORTERS]
 
 
-def _console_exporter() -> SpanExporter:
-    return ConsoleSpanExporter()
-
-
 def _otlp_exporter() -> SpanExporter:
     protocol = (
         os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
@@ -74,7 +70,7 @@ def _otlp_exporter() -> SpanExporter:
 
 _EXPORTERS: dict[str, Callable[[], SpanExporter]] = {
     "otlp": _otlp_exporter,
-    "console": _console_exporter,
+    "console": ConsoleSpanExporter,
 }
 
 
