@@ -106,6 +106,17 @@ def task(broker: InMemoryBroker, name: str) -> Any:
     return broker.find_task(name)
 
 
+async def run_alone(broker: InMemoryBroker, collector: Collector,
+                    kickable: Any) -> tuple[str, list[Any]]:
+    """Start ``broker``, kick ``kickable`` (a task), wait for its run's last event, stop."""
+    await broker.startup()
+    try:
+        kicked = await kickable.kiq()
+        return kicked.task_id, await collector.wait_terminal(kicked.task_id)
+    finally:
+        await broker.shutdown()
+
+
 async def test_plain_task_is_a_one_step_run(env: tuple[InMemoryBroker, Collector]) -> None:
     broker, collector = env
     kicked = await task(broker, "double").kiq(21)
@@ -359,15 +370,10 @@ async def test_a_plain_task_that_skips_its_result_completes() -> None:
     async def skips_result() -> int:
         raise NoResultError
 
-    await broker.startup()
-    try:
-        kicked = await skips_result.kiq()
-        events = await collector.wait_terminal(kicked.task_id)
-    finally:
-        await broker.shutdown()
+    pipeline_id, events = await run_alone(broker, collector, skips_result)
     assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
                              ("StepCompleteEvent", 0), ("PipelineCompleteEvent", None)]
-    check_common(events, kicked.task_id, "skips_result", "task")
+    check_common(events, pipeline_id, "skips_result", "task")
     assert events[-1].result is None
 
 
@@ -568,12 +574,7 @@ async def test_a_result_backend_set_after_instrument_still_fails_unstorable_resu
     async def refused() -> str:
         return "unstorable"
 
-    await broker.startup()
-    try:
-        kicked = await refused.kiq()
-        events = await collector.wait_terminal(kicked.task_id)
-    finally:
-        await broker.shutdown()
+    _, events = await run_alone(broker, collector, refused)
     assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
                              ("StepErrorEvent", 0), ("PipelineErrorEvent", None)]
     assert events[-1].error == "TypeError: cannot store this"  # type: ignore[attr-defined]

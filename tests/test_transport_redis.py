@@ -629,14 +629,14 @@ async def test_pubsub_item_counts(redis_server: RedisServer, no_task_leaks: None
         await transport.close()
 
 
-def _run_one_task(broker: Any, in_memory_subscriber: bool = False) -> tuple[str, list[Event]]:
+def _run_one_task(broker: InMemoryBroker, middleware: FlowtraceMiddleware,
+                  in_memory_subscriber: bool = False) -> tuple[str, list[Event]]:
     """One broker session in a fresh event loop, as each test of an app's lifespan runs:
     start, run a task to its end, shut down. Returns its run id and what a subscriber to
     the (in-memory) transport saw meanwhile."""
     async def session() -> tuple[str, list[Event]]:
         seen: list[Event] = []
         await broker.startup()
-        middleware = next(m for m in broker.middlewares if isinstance(m, FlowtraceMiddleware))
         reader = None
         if in_memory_subscriber:
             async def read() -> None:
@@ -657,22 +657,22 @@ def _run_one_task(broker: Any, in_memory_subscriber: bool = False) -> tuple[str,
     return asyncio.run(session())
 
 
-def _restartable_broker(**options: Any) -> InMemoryBroker:
+def _restartable_broker(**options: Any) -> tuple[InMemoryBroker, FlowtraceMiddleware]:
     broker = InMemoryBroker()
-    flowtrace.instrument(broker, **options)
+    middleware = flowtrace.instrument(broker, **options)
 
     @broker.task(task_name="restart.one")
     async def one() -> int:
         return 1
 
-    return broker
+    return broker, middleware
 
 
 def test_a_broker_started_again_in_new_event_loops_keeps_publishing(
         redis_server: RedisServer) -> None:
     """Shut down, started again, each time in a new loop: no event is dropped as closed."""
-    broker = _restartable_broker(redis_url=redis_server.url)
-    runs = [_run_one_task(broker)[0] for _ in range(3)]
+    broker, middleware = _restartable_broker(redis_url=redis_server.url)
+    runs = [_run_one_task(broker, middleware)[0] for _ in range(3)]
 
     async def ended() -> set[str]:
         reader = RedisStreamTransport(redis_server.url)
@@ -682,14 +682,13 @@ def test_a_broker_started_again_in_new_event_loops_keeps_publishing(
         finally:
             await reader.close()
     assert asyncio.run(ended()) == set(runs)
-    middleware = next(m for m in broker.middlewares if isinstance(m, FlowtraceMiddleware))
     assert middleware.transport.dropped == {}
 
 
 def test_the_in_memory_transport_serves_subscribers_after_a_restart() -> None:
-    broker = _restartable_broker()
+    broker, middleware = _restartable_broker()
     for _ in range(2):
-        pipeline_id, seen = _run_one_task(broker, in_memory_subscriber=True)
+        pipeline_id, seen = _run_one_task(broker, middleware, in_memory_subscriber=True)
         assert [e.type for e in seen if e.pipeline_id == pipeline_id] == [
             "PipelineStartEvent", "StepStartEvent", "StepCompleteEvent",
             "PipelineCompleteEvent"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,13 @@ from websockets.asyncio.client import ClientConnection
 
 from flowtrace.events import StepProgressEvent
 from tests.support.waiting import async_wait_until
-from tests.support.ws_server import LiveServer, connect, recv_json, wait_closed
+from tests.support.ws_server import (
+    LiveServer,
+    connect,
+    recv_json,
+    small_buffer_socket,
+    wait_closed,
+)
 
 
 @pytest.fixture
@@ -72,18 +77,9 @@ EVENTS = 20_000
 HEALTHY = 20
 
 
-def _slow_socket(port: int) -> socket.socket:
-    """A client socket with a tiny receive buffer, so the server's writes back up fast."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.setblocking(False)
-    return sock
-
-
 @with_options(transport=False, send_queue_size=200)
 async def test_slow_consumer_is_closed_4008_and_nobody_else_waits(server: LiveServer) -> None:
-    slow = await connect(server, "/ws/*", sock=_slow_socket(server.port), max_queue=1)
+    slow = await connect(server, "/ws/*", sock=small_buffer_socket(server.port), max_queue=1)
     healthy = [await connect(server, "/ws/*") for _ in range(HEALTHY)]
     for ws in healthy:
         await subscribed(ws)

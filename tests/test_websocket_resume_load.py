@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +22,7 @@ from flowtrace.transport.redis_stream import RedisStreamTransport
 from tests.support.gateway_proc import serve_gateways, stream_events
 from tests.support.processes import RedisServer
 from tests.support.waiting import async_wait_until
-from tests.support.ws_server import LiveServer, connect
+from tests.support.ws_server import LiveServer, connect, small_buffer_socket
 
 SEND_QUEUE = 40  # small: a replay holds 20 live events at most, then must re-read
 BACKLOG = 5_000
@@ -131,15 +130,6 @@ async def test_resume_under_live_load_is_complete_and_never_slow(server: LiveSer
     await reader.close()
 
 
-def _unread_socket(port: int) -> socket.socket:
-    """A client socket with a tiny receive buffer, so the server's writes back up fast."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.setblocking(False)
-    return sock
-
-
 @pytest.mark.parametrize("server", [{"resume_stall_timeout": 0.5}], indirect=True)
 async def test_resuming_client_that_stops_reading_is_closed_4008(server: LiveServer) -> None:
     # 5 000 events of 4 kB: more than socket buffers hold, so the replay itself stalls.
@@ -150,7 +140,7 @@ async def test_resuming_client_that_stops_reading_is_closed_4008(server: LiveSer
     await async_wait_until(lambda: healthy.frames, message="subscribed")
     # max_queue=1: the client's library stops reading its socket as soon as one frame waits.
     stalled = await connect(server, f"/ws/{RUN}?since={FROM_BEGINNING}",
-                            sock=_unread_socket(server.port), max_queue=1)
+                            sock=small_buffer_socket(server.port), max_queue=1)
     live = LivePublisher(server)
     try:
         async def closed() -> bool:

@@ -192,6 +192,16 @@ async def _noop() -> None:
     return None
 
 
+def small_buffer_socket(port: int) -> socket.socket:
+    """A client socket with a tiny receive buffer, so the server's writes back up fast
+    (over loopback the kernel would otherwise buffer megabytes for a client that never reads)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
 async def connect(server: LiveServer, path: str, *, sock: socket.socket | None = None,
                   **kwargs: Any) -> ClientConnection:
     """A plain client: no compression, no proxy, no keepalive pings."""
