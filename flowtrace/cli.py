@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token required on /ws/* and /api/* (env FLOWTRACE_TOKEN)")
     serve.add_argument("--allowed-origin", dest="allowed_origins", action="extend", nargs="+",
                        metavar="ORIGIN", default=None,
-                       help="Origin allowed to open WebSockets (repeatable; default: any)")
+                       help="Origin allowed to open WebSockets (repeatable; default: any); "
+                            "list the gateway's own for its live page")
     serve.add_argument("--stale-after", metavar="SECONDS",
                        type=_or_env(stale_seconds, "FLOWTRACE_STALE_AFTER"),
                        default=os.environ.get("FLOWTRACE_STALE_AFTER",

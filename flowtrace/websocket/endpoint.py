@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -66,17 +65,17 @@ def manager_for(connection: HTTPConnection) -> FastAPIWebSocketManager:
 
 
 def origin_allowed(websocket: WebSocket, allowed: frozenset[str] | None) -> bool:
-    """No list, a ``*`` entry or no Origin header (not a browser) pass; else it must match,
-    or be the server's own origin (its live page), whatever the list says."""
+    """No list, a ``*`` entry or no Origin header (not a browser) pass; else it must match.
+
+    The gateway's own origin too (SPEC §6: any Origin not in the list is refused), so the
+    list names it for the live page to use its WebSocket.
+    """
     if allowed is None or "*" in allowed:
         return True
     origin = websocket.headers.get("origin")
     if origin is None:
         return True
-    if normalize_origin(origin) in allowed:
-        return True
-    host = websocket.headers.get("host")
-    return host is not None and urlsplit(origin.strip()).netloc.lower() == host.lower()
+    return normalize_origin(origin) in allowed
 
 
 def token_matches(supplied: str | None, expected: str) -> bool:
