@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
@@ -57,12 +57,13 @@ class BaseEvent(BaseModel):
     timestamp: datetime = Field(default_factory=utc_now)
 
     _template: ClassVar[dict[str, Any] | None] = None
+    if TYPE_CHECKING:  # each event class declares its own literal ``type`` field
+        type: str
 
     @field_validator("timestamp")
     @classmethod
     def _aware_utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
+        """UTC. A naive time is local time, as Python reads it (``datetime.now()``)."""
         return value.astimezone(timezone.utc)
 
     @classmethod
@@ -254,16 +255,16 @@ def parse_event(data: dict[str, Any] | str | bytes) -> Event:
     if isinstance(data, str):
         try:
             data = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
             raise InvalidEvent(f"event is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidEvent(f"event must be a JSON object, got {type(data).__name__}")
     event_type = data.get("type")
-    if event_type not in EVENT_CLASSES:
+    if not isinstance(event_type, str) or event_type not in EVENT_CLASSES:
         raise InvalidEvent(f"unknown event type {event_type!r}; known: {', '.join(EVENT_TYPES)}")
     try:
         return _EVENT_ADAPTER.validate_python(data)
-    except ValidationError as exc:
+    except (ValidationError, RecursionError) as exc:
         raise InvalidEvent(f"invalid {event_type}: {exc}") from exc
 
 
@@ -279,8 +280,9 @@ class _StopEncoding(Exception):
 def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
     """A JSON-safe, bounded preview of a task's input or result.
 
-    The value itself when its JSON form (a string: its UTF-8 text) fits in ``max_bytes``;
-    otherwise a string cut to ``max_bytes`` and marked as truncated. Models, dataclasses,
+    The value itself when its JSON form fits in ``max_bytes`` (UTF-8 bytes, a string's
+    quotes and escapes included); otherwise a string marked as truncated whose JSON form
+    fits. Models, dataclasses,
     datetimes, UUIDs, decimals and sets take the JSON form pydantic (and so taskiq) gives
     them; values nothing can encode are shown through ``repr``. Never raises.
     """
@@ -288,8 +290,8 @@ def preview(value: Any, max_bytes: int = 1024, capture: bool = True) -> Any:
         return None
     if value is None or isinstance(value, (bool, int, float)):
         return value if not isinstance(value, float) or math.isfinite(value) else repr(value)
-    if isinstance(value, str):  # measured as text (UTF-8), not as its JSON literal
-        return value if len(value) <= max_bytes // 4 else _truncate(value, max_bytes)
+    if isinstance(value, str):
+        return _truncate(value, max_bytes)
     try:
         if _json_size_bound(value, 4 * max_bytes) is not None:
             text = _COMPACT.encode(value)  # small: the C encoder in one go
@@ -355,12 +357,22 @@ def _bounded_repr(value: Any, max_bytes: int) -> str:
     return text[: max_bytes * 2]
 
 
+def _literal_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` as a JSON string literal, quotes included (as events carry it)."""
+    return len(_COMPACT.encode(text).encode("utf-8"))
+
+
 def _truncate(text: str, max_bytes: int) -> str:
-    encoded = text.encode("utf-8")
-    if len(encoded) <= max_bytes:
+    """``text`` if its JSON literal fits in ``max_bytes``, else its longest prefix that fits
+    with :data:`TRUNCATION_MARK` appended (only the mark when even that is too long)."""
+    if len(text) + 2 <= max_bytes and (6 * len(text) + 2 <= max_bytes  # (6: the longest escape)
+                                       or _literal_size(text) <= max_bytes):
         return text
-    budget = max(0, max_bytes - len(TRUNCATION_MARK.encode("utf-8")))
-    return encoded[:budget].decode("utf-8", errors="ignore") + TRUNCATION_MARK
+    budget = max(0, max_bytes - _literal_size(TRUNCATION_MARK))
+    cut = text[:budget]  # every character takes at least one byte
+    while cut and (over := _literal_size(cut) - 2 - budget) > 0:
+        cut = cut[: len(cut) - max(1, over // 6)]  # no character takes more than 6
+    return cut + TRUNCATION_MARK
 
 
 def _is_plain_json(value: Any) -> bool:
@@ -375,11 +387,19 @@ def _is_plain_json(value: Any) -> bool:
     return False
 
 
+ERROR_TEXT_MAX_CHARS = 4096
+"""An event's ``error`` is cut here: an exception's message can be megabytes (a whole
+response body, say), and it goes to every client, the run store and the trace."""
+
+
 def error_text(exc: BaseException) -> str:
-    """``"ValueError: invalid input"``: the form StepErrorEvent.error uses."""
+    """``"ValueError: invalid input"``: the form StepErrorEvent.error uses, bounded."""
     message = str(exc)
     name = type(exc).__name__
-    return f"{name}: {message}" if message else name
+    text = f"{name}: {message}" if message else name
+    if len(text) <= ERROR_TEXT_MAX_CHARS:
+        return text
+    return text[: ERROR_TEXT_MAX_CHARS - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
 __all__ = [

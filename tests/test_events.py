@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import json
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -16,6 +17,7 @@ from flowtrace.events import (
     InvalidEvent,
     PipelineErrorEvent,
     StepCompleteEvent,
+    StepStartEvent,
     parse_event,
     preview,
 )
@@ -148,3 +150,44 @@ def test_error_text_matches_the_spec_form() -> None:
     assert events.error_text(ValueError("invalid input")) == "ValueError: invalid input"
     assert events.error_text(KeyError()) == "KeyError"
     assert PipelineErrorEvent(pipeline_id="p", error="x").status == "FAILED"
+
+
+@pytest.mark.parametrize("text", ['"' * 1000, "\n" * 1000, "\0" * 1000, "é" * 2000,
+                                  "😀" * 600, "x" * 1023, 'a"b' * 600],
+                         ids=["quotes", "newlines", "nuls", "accents", "emoji", "ascii", "mixed"])
+def test_string_previews_fit_max_bytes_as_json(text: str) -> None:
+    """SPEC §3: the value itself only when it *serializes* to at most max_payload_bytes;
+    quotes, control characters and non-ASCII grow in JSON."""
+    shown = preview(text, max_bytes=1024)
+    event = StepCompleteEvent(pipeline_id="p", step_name="s", result=shown)
+    literal = json.dumps(json.loads(event.model_dump_json())["result"], ensure_ascii=False)
+    assert len(literal.encode()) <= 1024
+    assert shown == text or (shown.endswith(events.TRUNCATION_MARK)
+                             and text.startswith(shown[: -len(events.TRUNCATION_MARK)]))
+    assert preview("x" * 1022, max_bytes=1024) == "x" * 1022  # 1024 bytes with its quotes
+
+
+@pytest.mark.parametrize("payload", [
+    '{"type": ["StepStartEvent"], "pipeline_id": "p"}',
+    '{"type": {"a": 1}, "pipeline_id": "p"}',
+    "[" * 5000 + "]" * 5000,
+    '{"type": "PipelineStartEvent", "pipeline_id": "p", "input": ' + "[" * 5000 + "]" * 5000 + "}",
+], ids=["list-type", "object-type", "deep-array", "deep-input"])
+def test_parse_event_rejects_odd_json_with_invalid_event(payload: str) -> None:
+    """Anything a transport may carry fails with InvalidEvent (counted and skipped by a
+    subscriber), never with another exception that would stop it."""
+    with pytest.raises(InvalidEvent):
+        parse_event(payload)
+
+
+def test_a_naive_timestamp_is_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``datetime.now()`` (the reference's examples) is local time, as Python reads it."""
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        event = StepStartEvent(pipeline_id="p", step_name="s",
+                               timestamp=datetime(2026, 12, 4, 12, 0, 0))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert event.timestamp == datetime(2026, 12, 4, 11, 0, 0, tzinfo=timezone.utc)
