@@ -101,11 +101,10 @@ async def _guarded(work: Awaitable[T], default: T, hook: str) -> T:
 
 
 def _call_input(args: list[Any], kwargs: dict[str, Any]) -> Any:
-    """A task's input as users think of it: the single argument, else args and kwargs."""
+    """A task's input as users think of it: the single positional argument, else args and
+    kwargs (a keyword-only call must not read as one positional dict)."""
     if len(args) == 1 and not kwargs:
         return args[0]
-    if not args:
-        return kwargs or None
     return {"args": list(args), "kwargs": kwargs}
 
 
@@ -207,6 +206,29 @@ class _AbortCapture(logging.Filter):
 _abort_capture = _AbortCapture()
 
 
+class _SaveFailureCapture(logging.Filter):
+    """Reads the exception taskiq logs when storing a result or a ``post_save`` raised.
+
+    When a middleware's ``post_save`` raises, taskiq logs it and skips every later
+    ``post_save``, flowtrace's (it runs last) included: the log record is where the
+    reason of the skipped hop is visible.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_info = record.exc_info
+        if (exc_info and isinstance(exc_info[1], Exception)
+                and str(record.msg).startswith(_SAVE_FAILED_MESSAGE)):
+            execution = current_execution.get()
+            if execution is not None and execution.abort_error is None:
+                execution.abort_error = exc_info[1]
+        return True
+
+
+_save_failure_capture = _SaveFailureCapture()
+_RECEIVER_LOGGER = "taskiq.receiver.receiver"
+_SAVE_FAILED_MESSAGE = "Can't set result"  # taskiq 0.13's record: "Can't set result in ..."
+
+
 def _note_abort(task_id: str, error: BaseException | None) -> None:
     """An aborted pipeline's error result, written for its last step by the step that
     aborted it: the reason, when the log record that names it better was filtered out."""
@@ -247,7 +269,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self._chain_length = 0
         self._retry_middleware: TaskiqMiddleware | None = None
         """The first middleware that may retry a failed task (taskiq's Simple/SmartRetry)."""
+        self._post_save_may_raise = False
+        """Whether a middleware whose ``post_save`` runs before flowtrace's is on the chain."""
         logging.getLogger(_PIPELINES_LOGGER).addFilter(_abort_capture)
+        logging.getLogger(_RECEIVER_LOGGER).addFilter(_save_failure_capture)
 
     # Placement and setup ----------------------------------------------------
 
@@ -270,6 +295,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self._chain_length = len(chain)
         self._retry_middleware = next(
             (m for m in chain if getattr(m, "default_retry_label", None) is not None), None)
+        self._post_save_may_raise = any(
+            type(m).post_save is not TaskiqMiddleware.post_save
+            for m in chain if m is not self and m is not self._tail)
 
     def _keep_placement(self) -> None:
         """:meth:`ensure_placement` when the chain changed (users add middlewares any time)."""
@@ -296,6 +324,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             except Exception as exc:
                 await self._result_not_stored(task_id, exc)
                 raise
+            if self._post_save_may_raise and not result.is_err:
+                self._watch_post_save(task_id)
 
         set_result._flowtrace_wrapped = True  # type: ignore[attr-defined]
         backend.set_result = set_result  # type: ignore[method-assign]
@@ -529,7 +559,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         if started_here and (index in (None, 0)) and role is not ITEM:
             self._emit_pipeline_start(run, message, steps, timestamp)
         self._enter(execution, self._execution_span(execution, now_wall))
-        if role is STEP or (role is WAITER and fan_out is None):
+        if role is STEP or (role is WAITER and (fan_out is None or execution.attempt > 1)):
+            # (A map/filter's first waiter attempt: the kicking process emitted it.)
             self._emit_step_start(execution, labels, now_wall, timestamp)
         if role is WAITER:
             self._start_monitor(execution, message)
@@ -585,7 +616,9 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 attributes["flowtrace.item.index"] = fan_out.item_index
             return SpanRecord(execution.message.task_name, run.trace_id, new_span_id(),
                               fan_out.span_id, now, run.sampled, _CONSUMER, attributes)
-        if execution.role is WAITER and fan_out is not None:
+        if execution.role is WAITER and fan_out is not None and execution.attempt == 1:
+            # The step's span, opened by the kicking process; a retried waiter's
+            # attempt is a span of its own, as any step's.
             waiter_span = self._step_span(run, execution.step_name, execution.step_index, 1,
                                           execution.task_id, fan_out.started_ns,
                                           fan_out.span_id)
@@ -891,7 +924,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     @staticmethod
     def _fan_out_duration(execution: Execution, now: int) -> float:
-        start = execution.fan_out.started_ns if execution.fan_out else execution.started_wall_ns
+        """From the items' kick on a waiter's first attempt, else from the attempt's start."""
+        fan_out, start = execution.fan_out, execution.started_wall_ns
+        if fan_out is not None and execution.attempt == 1:
+            start = fan_out.started_ns
         return max(0.0, (now - start) / 1e6)
 
     async def _finish_monitor(self, execution: Execution, failed: bool) -> None:
@@ -901,7 +937,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             return
         execution.monitor = None
         total = monitor.total
-        counted_done, counted_failed = await monitor.counted()
+        counted_done, counted_failed = await monitor.settled()
         value = execution.result_preview
         if failed:
             bad = min(total, max(1, counted_failed))
@@ -1018,6 +1054,30 @@ class FlowtraceMiddleware(TaskiqMiddleware):
     def _add_pipeline_start(root: SpanRecord, run: RunContext, total_steps: int) -> None:
         """The PipelineStartEvent span event, added by the process that ends the root span."""
         root.record_event("PipelineStartEvent", total_steps, run.started_ns)
+
+    def _watch_post_save(self, task_id: str) -> None:
+        """Report the stored result even if flowtrace's ``post_save`` never runs (another
+        middleware's raised first): once the message's asyncio task is over."""
+        execution = current_execution.get()
+        task = asyncio.current_task()
+        if execution is None or execution.task_id != task_id or task is None:
+            return
+        task.add_done_callback(lambda _: self._post_save_skipped(execution))
+
+    def _post_save_skipped(self, execution: Execution) -> None:
+        if execution.token is None or execution.phase is DONE or execution.role is ITEM:
+            return  # post_save ran (it leaves the execution), or nothing is left to report
+        logger.warning("flowtrace: a middleware's post_save failed before flowtrace's ran; "
+                       "reporting the stored result of %s", execution.task_id)
+        execution.token = execution.span_token = None  # (their context is gone)
+        if execution.monitor is not None:
+            asyncio.get_running_loop().create_task(_guarded(self._after_final_progress(
+                execution, False, self._step_saved), None, "post_save"))
+            return
+        try:
+            self._step_saved(execution)
+        except Exception:
+            logger.exception(_HOOK_FAILED, "post_save")
 
     async def _result_not_stored(self, task_id: str, exc: Exception) -> None:
         execution = current_execution.get()

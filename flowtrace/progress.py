@@ -20,6 +20,11 @@ logger = logging.getLogger("flowtrace.progress")
 
 ProgressCallback = Callable[[int, int], Awaitable[None]]
 
+SETTLE_TIMEOUT_S = 1.0
+"""How long a finished step waits for its items' counts to arrive (an item whose worker
+died between storing its result and shipping its count never arrives)."""
+SETTLE_POLL_S = 0.01
+
 
 def counter_key(pipeline_id: str, step_index: int) -> str:
     return f"{pipeline_id}:{step_index}"
@@ -55,8 +60,21 @@ class ProgressMonitor:
             self.last = counts
             await self.report(*counts)
 
-    async def counted(self) -> tuple[int, int]:
-        return await self.transport.read_counts(self.key)
+    async def settled(self, timeout: float = SETTLE_TIMEOUT_S) -> tuple[int, int]:
+        """The counters once every item is counted, else (after ``timeout``) as they are.
+
+        The waiter ends when every item's result is stored; an item counts itself just
+        before its result is stored, but the count may still be on its way to Redis (a
+        batch lingers a few ms). Waiting here, where the step ends, keeps the items' own
+        path free of any wait.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            done, failed = await self.transport.read_counts(self.key)
+            if done + failed >= self.total or loop.time() >= deadline:
+                return done, failed
+            await asyncio.sleep(SETTLE_POLL_S)
 
     async def finish(self, done: int, failed: int) -> None:
         """Stop polling and make sure the last report is the final counts (once)."""

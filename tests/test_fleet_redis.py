@@ -99,6 +99,48 @@ async def test_pipeline_with_map_and_filter_across_two_worker_processes(
     assert all(e.duration_ms > 0 for e in events if e.type == "StepCompleteEvent")
 
 
+@pytest.fixture
+async def lingering_fleet(redis_server: RedisServer,
+                          events_redis: RedisServer) -> AsyncIterator[tuple[Any, StreamCollector]]:
+    """Two workers whose item counts wait 300 ms for a batch (flowtrace's default: 5 ms)."""
+    group = Workers("tests.fleet_app.spine_worker:broker",
+                    test_env(TEST_REDIS_URL=redis_server.url, FLOWTRACE_REDIS_URL=events_redis.url,
+                             TEST_LINGER_MS="300"),
+                    workers=2, extra_args=["--max-async-tasks", "3"])
+    try:
+        wait_for_log(group, "Listening started", count=2)
+        collector = StreamCollector(events_redis.url)
+        await collector.start()
+        async with fleet_client(redis_server.url, events_redis.url) as app:
+            yield app, collector
+        await collector.stop()
+    finally:
+        group.stop()
+
+
+async def test_final_item_counts_are_exact_when_items_fail_in_other_processes(
+        lingering_fleet: tuple[Any, StreamCollector]) -> None:
+    """The waiter sees every item's result before every item's count has reached Redis
+    (counts from the other worker process are still waiting for their batch): the last
+    StepProgressEvent still reports the final counts (SPEC §3), for each kind of ending."""
+    app, collector = lingering_fleet
+    kicked = []
+    for _ in range(3):
+        for name, add in (("map-fails", lambda p: p.map(app.odd_fails, check_interval=0.002)),
+                          ("filter-skips", lambda p: p.filter(
+                              app.odd_fails, skip_errors=True, check_interval=0.002))):
+            pipeline = add(flowtrace.Pipeline(app.broker, app.extract, name=name))
+            kicked.append((name, await pipeline.kiq(8)))
+    for name, run in kicked:
+        events = await collector.wait_terminal(run.task_id)
+        check_common(events, run.task_id, name, "sequential")
+        assert events[-1].type == ("PipelineErrorEvent" if name == "map-fails"
+                                   else "PipelineCompleteEvent"), events[-1]
+        progress = [e for e in events if e.type == "StepProgressEvent"]
+        assert (progress[-1].done, progress[-1].failed, progress[-1].total) == (4, 4, 8), (
+            name, progress)
+
+
 async def test_failing_retried_and_unstorable_runs_across_processes(
         fleet: tuple[Any, StreamCollector]) -> None:
     app, collector = fleet

@@ -23,6 +23,7 @@ from taskiq_pipelines import Pipeline as PlainPipeline
 from taskiq_pipelines import PipelineMiddleware
 
 import flowtrace
+from flowtrace import events as events_module
 from flowtrace.hooks import EventFilter, HookManager
 from flowtrace.middleware import FlowtraceMiddleware
 from flowtrace.transport.base import FROM_BEGINNING
@@ -335,6 +336,101 @@ async def test_retried_map_items_are_neither_step_retries_nor_counted_twice() ->
     for span in failed:
         assert [e.name for e in span.events] == ["exception"], span.events
         assert (span.attributes or {})["flowtrace.step.will_retry"] is True
+
+
+async def test_a_retried_map_waiter_is_a_new_attempt_with_its_own_span() -> None:
+    """taskiq-pipelines' waiter raises MappingError when an item failed; a retry middleware
+    that retries every task retries the waiter: each attempt of the step starts (a
+    StepStartEvent with its attempt number) before it errs, and is a span of its own."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    retry = SimpleRetryMiddleware(default_retry_count=3, default_retry_label=True)
+    broker, collector, _ = build("flowtrace-first", retry=retry, tracer_provider=provider)
+    await broker.startup()
+    try:
+        pipeline = flowtrace.Pipeline(broker, task(broker, "extract"), name="waiter").map(
+            task(broker, "explode"), check_interval=0.01)
+        kicked = await pipeline.kiq(2)
+        events = await collector.wait_terminal(kicked.task_id)
+    finally:
+        await broker.shutdown()
+    check_common(events, kicked.task_id, "waiter", "sequential")
+    step = [e for e in events if getattr(e, "step_index", None) == 1
+            and e.type != "StepProgressEvent"]
+    assert [(e.type, e.attempt) for e in step] == [
+        ("StepStartEvent", 1), ("StepErrorEvent", 1), ("StepStartEvent", 2),
+        ("StepErrorEvent", 2), ("StepStartEvent", 3), ("StepErrorEvent", 3)]
+    assert [e.will_retry for e in step if e.type == "StepErrorEvent"] == [True, True, False]
+    assert events[-1].type == "PipelineErrorEvent" and events[-1].error_type == "MappingError"
+
+    provider.force_flush()
+    attempts = [s for s in exporter.get_finished_spans()
+                if (s.attributes or {}).get("flowtrace.step.index") == 1
+                and "flowtrace.item.index" not in (s.attributes or {})]
+    assert sorted((s.attributes or {})["flowtrace.step.attempt"] for s in attempts) == [1, 2, 3]
+    assert len({s.context.span_id for s in attempts}) == 3
+    for span in attempts:
+        assert next(e.name for e in span.events) == "StepStartEvent", span.events
+        assert [e.attributes["flowtrace.attempt"] for e in span.events  # type: ignore[index]
+                if e.name == "StepStartEvent"] == [span.attributes["flowtrace.step.attempt"]]  # type: ignore[index]
+
+
+class _RaisingPostSave(TaskiqMiddleware):
+    """A user's middleware whose post_save raises for one task: taskiq skips the later
+    post_saves (flowtrace's runs last; PipelineMiddleware's kicks the next hop)."""
+
+    def post_save(self, message: Any, result: Any) -> None:
+        if message.task_name == "extract":
+            raise RuntimeError("audit log is down")
+
+
+async def test_a_run_ends_even_when_another_middlewares_post_save_raises() -> None:
+    broker, collector, _ = build()
+    broker.add_middlewares(_RaisingPostSave())
+    await broker.startup()
+    try:
+        plain = await task(broker, "extract").kiq(3)
+        assert (await plain.wait_result(timeout=10)).return_value == [0, 1, 2]
+        plain_events = await collector.wait_terminal(plain.task_id)
+        pipeline = await flowtrace.Pipeline(broker, task(broker, "extract"), name="hop").call_next(
+            task(broker, "total")).kiq(3)
+        events = await collector.wait_terminal(pipeline.task_id)
+    finally:
+        await broker.shutdown()
+    check_common(plain_events, plain.task_id, "extract", "task")
+    assert plain_events[-1].type == "PipelineCompleteEvent"
+    assert plain_events[-1].result == [0, 1, 2]
+    check_common(events, pipeline.task_id, "hop", "sequential")
+    assert shape(events) == [("PipelineStartEvent", None), ("StepStartEvent", 0),
+                             ("StepCompleteEvent", 0), ("PipelineErrorEvent", None)]
+    assert events[-1].error == "RuntimeError: audit log is down"
+    assert (events[-1].failed_step, events[-1].failed_step_index) == ("total", 1)
+
+
+async def test_keyword_input_reads_as_args_and_kwargs(
+        env: tuple[InMemoryBroker, Collector]) -> None:
+    broker, collector = env
+    kicked = await task(broker, "double").kiq(x=4)
+    events = await collector.wait_terminal(kicked.task_id)
+    assert events[0].input == {"args": [], "kwargs": {"x": 4}}
+    assert events[-1].result == 8
+
+
+async def test_huge_error_messages_are_bounded(env: tuple[InMemoryBroker, Collector]) -> None:
+    broker, collector = env
+
+    @broker.task(task_name="verbose_failure")
+    async def verbose_failure() -> None:
+        raise ValueError("x" * 300_000)
+
+    kicked = await verbose_failure.kiq()
+    events = await collector.wait_terminal(kicked.task_id)
+    step_error, run_error = events[-2], events[-1]
+    for event in (step_error, run_error):
+        assert event.error.startswith("ValueError: xxx")
+        assert event.error.endswith(events_module.TRUNCATION_MARK)
+        assert len(event.error) == events_module.ERROR_TEXT_MAX_CHARS
 
 
 async def test_instrumenting_twice_keeps_one_middleware(
