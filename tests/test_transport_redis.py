@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import redis
+import websockets
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from taskiq import InMemoryBroker
 
 import flowtrace
+from flowtrace.app import create_app
 from flowtrace.events import Event, StepStartEvent
 from flowtrace.middleware import FlowtraceMiddleware
 from flowtrace.transport import RedisPubSubTransport, RedisStreamTransport
 from flowtrace.transport.base import FROM_BEGINNING, Transport, id_sort_key
+from flowtrace.transport.memory import InMemoryTransport
+from flowtrace.websocket.protocol import parse_since
+from tests.support.app_thread import AppServer
 from tests.support.processes import RedisServer
 from tests.support.waiting import async_wait_until
 
@@ -194,6 +201,68 @@ async def test_stream_detects_trimmed_history(redis_server: RedisServer,
     await transport.close()
 
 
+async def test_stream_id_without_its_sequence_number_reads_as_seq_0(
+        redis_server: RedisServer, no_task_leaks: None) -> None:
+    """Redis reads ``since="<ms>"`` as ``"<ms>-0"``, and so does the transport (it was
+    malformed: truncated history, nothing replayed)."""
+    transport = RedisStreamTransport(redis_server.url)
+    for n in range(5):
+        await transport.publish(step(n))
+    assert await transport.flush()
+    ms = (await stream_ids(redis_server.url))[0].partition("-")[0]
+    after = [index(e) async for e in transport.replay(f"{ms}-0")]
+    assert after[-4:] == [1, 2, 3, 4]
+
+    assert [index(e) async for e in transport.replay(ms)] == after
+    assert not await transport.is_history_truncated(ms)
+    assert not transport.history_is_truncated("0")  # "0-0": FROM_BEGINNING
+    collector = Collector(transport.subscribe(since=ms))
+    assert await collector.wait_for(len(after)) == after
+    await collector.stop()
+    await transport.close()
+
+
+async def _resumed(url: str, since: str, last: int) -> list[dict[str, Any]]:
+    """What a WebSocket client resuming ``/ws/p`` from ``since`` gets, up to step ``last``."""
+    messages: list[dict[str, Any]] = []
+    async with websockets.connect(f"{url}/ws/p?since={since}", open_timeout=10) as ws:
+        while not messages or messages[-1].get("step_index") != last:
+            messages.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            assert messages[-1]["type"] != "error", messages[-1]
+    return messages
+
+
+async def test_websocket_resume_from_a_stream_id_without_its_sequence_number(
+        redis_server: RedisServer) -> None:
+    """The protocol takes ``since=<ms>``: the gateway replays what follows ``<ms>-0``."""
+    publisher = RedisStreamTransport(redis_server.url)
+    for n in range(5):
+        await publisher.publish(step(n))
+    assert await publisher.flush()
+    await publisher.close()
+    ms = (await stream_ids(redis_server.url))[0].partition("-")[0]
+    transport = RedisStreamTransport(redis_server.url)
+    with AppServer(create_app(transport)) as server:
+        try:
+            messages = await _resumed(server.ws_url, ms, last=4)
+        finally:
+            server.call(transport.close)
+    assert messages[0] == {"type": "subscribed", "pipeline_id": "p", "event_types": None,
+                           "since": f"{ms}-0"}
+    assert [m["step_index"] for m in messages if "step_index" in m][-4:] == [1, 2, 3, 4]
+
+
+async def test_an_id_without_its_sequence_number_means_seq_0_in_memory_too() -> None:
+    """The protocol hands every transport ``"<major>-0"``: in memory, the whole epoch."""
+    transport = InMemoryTransport()
+    for n in range(3):
+        transport.publish_nowait(step(n))
+    since = parse_since(transport.epoch)
+    assert since == f"{transport.epoch}-0"
+    assert not transport.history_is_truncated(since)
+    assert [index(e) async for e in transport.replay(since)] == [0, 1, 2]
+
+
 async def test_stream_publish_while_redis_down_buffers_and_delivers_after_restart(
         redis_server: RedisServer, no_task_leaks: None,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -301,9 +370,9 @@ async def _calls(raw: Redis, command: str) -> int:
 
 
 async def _batches_sent(raw: Redis) -> int:
-    """Batches the server got since its stats were reset: a batch of events alone is one
-    script call, any other one MULTI/EXEC transaction (the sender's first question whether
-    the server runs scripts is a script call too)."""
+    """Batches the server got since its stats were reset: a batch is one script call, or
+    without scripting a MULTI/EXEC transaction (the sender's first question whether the
+    server runs scripts is a script call too)."""
     return await _calls(raw, "eval") + await _calls(raw, "exec")
 
 
@@ -345,10 +414,10 @@ async def test_stream_unflushed_events_leave_after_the_linger(redis_server: Redi
     await transport.close()
 
 
-async def test_stream_batch_of_events_is_one_script_call(redis_server: RedisServer,
-                                                         no_task_leaks: None) -> None:
-    """redis-py packs and parses each command in Python: a batch's events go as one EVAL,
-    in order, with the item counts queued between them applied too."""
+async def test_stream_batch_is_one_script_call(redis_server: RedisServer,
+                                              no_task_leaks: None) -> None:
+    """redis-py packs and parses each command in Python: a batch goes as one EVAL, its
+    events in order, with the item counts queued between them applied too."""
     transport = RedisStreamTransport(redis_server.url, linger_ms=600_000)
     async with Redis.from_url(redis_server.url) as raw:
         await raw.config_resetstat()
@@ -357,26 +426,11 @@ async def test_stream_batch_of_events_is_one_script_call(redis_server: RedisServ
             if n % 50 == 0:
                 transport.count_item("run:1", failed=False)
         assert await transport.flush(timeout=10)
-        # One batch: an EVAL for each run of events around the four counts, and the
-        # sender's one question whether the server runs scripts (200 calls without them).
-        assert await _calls(raw, "eval") == 1 + 5
-        assert await _calls(raw, "exec") == 1
+        # One batch: one EVAL, and the sender's one question whether the server runs
+        # scripts (200 XADDs and 8 count commands in MULTI/EXEC without them).
+        assert (await _calls(raw, "eval"), await _calls(raw, "exec")) == (1 + 1, 0)
         assert await raw.hget("flowtrace:items:run:1", "done") == b"4"
     assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(200))
-    await transport.close()
-
-
-async def test_stream_batch_of_events_alone_needs_no_transaction(
-        redis_server: RedisServer, no_task_leaks: None) -> None:
-    """A script runs whole or not at all by itself: no MULTI/EXEC round trip around it."""
-    transport = RedisStreamTransport(redis_server.url, linger_ms=600_000)
-    async with Redis.from_url(redis_server.url) as raw:
-        await raw.config_resetstat()
-        for n in range(100):
-            await transport.publish(step(n))
-        assert await transport.flush(timeout=10)
-        assert (await _calls(raw, "eval"), await _calls(raw, "exec")) == (1 + 1, 0)
-    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(100))
     await transport.close()
 
 
@@ -401,6 +455,26 @@ async def test_stream_without_scripting_publishes_each_event(
         assert "runs no scripts" in caplog.text
         assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(50, 200))
         assert await _calls(raw, "xadd") == 200
+        await transport.close()
+
+
+async def test_stream_without_access_to_the_batch_keys_publishes_each_event(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """An ACL that allows the stream and the item counters but not the key where the batch
+    script keeps a sender's last batch: every event and count still arrives, one command
+    each (applied again if sent again after a timeout, unlike a script call's)."""
+    async with Redis.from_url(redis_server.url) as raw:
+        await raw.acl_setuser("publisher", enabled=True, nopass=True, commands=["+@all"],
+                              keys=["~flowtrace:events", "~flowtrace:items:*"])
+        transport = RedisStreamTransport(f"redis://publisher@127.0.0.1:{redis_server.port}/0")
+        for n in range(20):
+            await transport.publish(step(n))
+        transport.count_item("run:1", failed=False)
+        assert await transport.flush(timeout=10)
+        assert "runs no scripts" in caplog.text
+        assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(20))
+        assert await raw.hget("flowtrace:items:run:1", "done") == b"1"
+        assert transport.dropped == {}
         await transport.close()
 
 
@@ -467,8 +541,8 @@ async def test_stream_events_wait_out_a_busy_script(redis_server: RedisServer,
                                                    no_task_leaks: None,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     """A script running past ``busy-reply-threshold`` makes Redis answer BUSY to every
-    command: to a batch of events alone (one script call), to a batch with an item count
-    (a transaction), and to a new sender's question whether the server runs scripts. Each
+    command: to a batch of events alone, to a batch with an item count (each one script
+    call), and to a new sender's question whether the server runs scripts. Each
     sender keeps its events and delivers them, still by script, once the busy script is
     gone."""
     alone = RedisStreamTransport(redis_server.url, stream="alone", linger_ms=0)
@@ -505,8 +579,8 @@ async def test_stream_events_wait_out_a_busy_script(redis_server: RedisServer,
 async def test_stream_scripting_denied_mid_session_still_delivers(
         redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     """An ACL that takes scripting away after the sender asked: the refused script call
-    (alone, or in a transaction with an item count) makes the sender ask again, and the
-    same batch goes one command per event. Nothing is lost or counted twice."""
+    (events alone, or with an item count) makes the sender ask again, and the same batch
+    goes one command per event (in a transaction). Nothing is lost or counted twice."""
     async with Redis.from_url(redis_server.url) as raw:
         url = await _user_url(raw, redis_server, "publisher", "+@all")
         alone = RedisStreamTransport(url, stream="alone", linger_ms=600_000)
@@ -530,13 +604,32 @@ async def test_stream_scripting_denied_mid_session_still_delivers(
     assert caplog.text.count("runs no scripts") == 2
 
 
-async def test_stream_batch_redis_refuses_whole_is_counted_and_later_ones_go(
+async def test_stream_command_redis_refuses_in_a_batch_is_counted_alone(
         redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    """A transaction Redis refuses for good before it runs (an ACL denying the item
-    counter): its events and its count are counted as dropped, once each, and the batches
-    after it are sent, not stuck behind it."""
+    """A command Redis refuses for good inside the batch's script call (an ACL denying the
+    item counter): its count is dropped, the batch's events are not."""
     async with Redis.from_url(redis_server.url) as raw:
         url = await _user_url(raw, redis_server, "publisher", "+@all", "-hincrby")
+    transport = RedisStreamTransport(url, linger_ms=600_000)
+    for n in range(10):
+        await transport.publish(step(n))
+    transport.count_item("run:1", failed=False)
+    await transport.publish(step(10))
+    assert await transport.flush(timeout=10)
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(11))
+    assert transport.dropped == {"redis_error": 1}
+    assert "can't run this command" in caplog.text
+    await transport.close()
+
+
+async def test_stream_batch_redis_refuses_whole_is_counted_and_later_ones_go(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A transaction Redis refuses for good before it runs (without scripting, an ACL
+    denying the item counter): its events and its count are counted as dropped, once each,
+    and the batches after it are sent, not stuck behind it."""
+    async with Redis.from_url(redis_server.url) as raw:
+        url = await _user_url(raw, redis_server, "publisher", "+@all", "-@scripting",
+                              "-hincrby")
     transport = RedisStreamTransport(url, linger_ms=600_000)
     for n in range(10):
         await transport.publish(step(n))
@@ -548,7 +641,6 @@ async def test_stream_batch_redis_refuses_whole_is_counted_and_later_ones_go(
     assert [index(e) async for e in transport.replay(FROM_BEGINNING)] == list(range(10, 15))
     assert transport.dropped == {"redis_error": 11}
     assert "NoPermissionError" in caplog.text
-    assert "runs no scripts" not in caplog.text
     await transport.close()
 
 
@@ -603,6 +695,30 @@ async def test_pubsub_round_trip_with_local_ids(redis_server: RedisServer,
         assert [e async for e in transport.replay(FROM_BEGINNING)] == []
         await collector.stop()
         await transport.close()
+
+
+@pytest.mark.parametrize("given", ["sync-client", "url"])
+async def test_pubsub_takes_the_references_sync_client_or_a_url(
+        redis_server: RedisServer, given: str, no_task_leaks: None) -> None:
+    """The reference design passes ``redis.Redis(host=..., port=...)``: awaiting its calls
+    failed on every publish, and every event was lost behind an "outage" log line."""
+    host, port = redis_server.url.removeprefix("redis://").split(":")
+    sync_client = redis.Redis(host=host, port=int(port.split("/")[0]))
+    transport = RedisPubSubTransport(sync_client if given == "sync-client" else redis_server.url)
+    collector = Collector(transport.subscribe())
+    await collector.wait_live(transport)
+    for n in range(3):
+        await transport.publish(step(n))
+    assert await transport.flush()
+    assert await collector.wait_for(3) == [0, 1, 2]
+    await collector.stop()
+    await transport.close()
+    sync_client.close()
+
+
+def test_pubsub_refuses_what_is_no_redis_client() -> None:
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
+        RedisPubSubTransport(42)  # type: ignore[arg-type]
 
 
 async def test_pubsub_subscriber_survives_redis_restart(redis_server: RedisServer,

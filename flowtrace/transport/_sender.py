@@ -5,11 +5,14 @@ event's JSON, or a tuple of Redis commands) to a bounded local buffer; one backg
 task ships the buffer in batches, in order, each applied whole or not at all. Before a
 batch leaves, the task lets it fill for up to ``linger`` seconds (unless a ``flush``
 waits or the batch is full): a worker emitting thousands of events a second then pays
-one round trip for dozens of them, not one each. Consecutive events of a batch go to
-Redis as one Lua script call that publishes each (where the server runs scripts):
-redis-py packs and parses every command in Python, and one command per event cost the
-worker six times the CPU. A batch that is one command (events alone: one script call)
-goes as it is; any other batch is a MULTI/EXEC transaction. While Redis is unreachable,
+one round trip for dozens of them, not one each. A batch goes to Redis as one Lua script
+call (where the server runs scripts): redis-py packs and parses every command in Python,
+and one command per event cost the worker six times the CPU. The script applies a batch
+once only: a batch sent again after a timeout may still be waiting in a hung server's
+socket (SIGSTOP, a partition) and run when it resumes, so the script skips any batch not
+newer than the last one applied for this sender (keys ``flowtrace:batches:*``, one per
+sender, expiring after a day). Without scripting a batch is one command or a MULTI/EXEC
+transaction, and such a resend is applied twice (at-least-once). While Redis is unreachable,
 or reachable but unable to take writes (a replica after a failover, a script running too
 long, memory full), the task keeps the buffer (dropping the oldest operations beyond
 ``buffer_size``), retries with exponential backoff and logs once per outage.
@@ -21,6 +24,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections import deque
 from collections.abc import Callable
 
@@ -45,7 +49,7 @@ from flowtrace.metrics import (
     DROP_REDIS_ERROR,
     DROP_UNSERIALIZABLE,
 )
-from flowtrace.transport.base import Transport
+from flowtrace.transport.base import BACKOFF_MAX_S, BACKOFF_MIN_S, Transport, describe
 
 log = logging.getLogger("flowtrace.transport")
 
@@ -56,17 +60,13 @@ Op = tuple[Command, ...] | str
 an event's JSON to publish."""
 
 COUNTER_TTL_S = 86_400
+BATCHES_TTL_S = 86_400
+"""How long Redis remembers a sender's last applied batch: far longer than a copy of a batch
+can wait in a hung server's socket."""
 LINGER_MS = 5.0
 """How long a batch may wait to fill by default. A busy taskiq worker emits an event every
 few hundred µs, faster than one round trip: without it every event went alone, in its
 own MULTI/EXEC, and shipping cost the worker more CPU than the rest of flowtrace."""
-BACKOFF_MIN_S = 0.1
-BACKOFF_MAX_S = 5.0
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: message`` (redis-py 8's ``repr`` of its errors is only ``server:ResponseError``)."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 _CANNOT_WRITE_NOW = (ReadOnlyError, MasterDownError, OutOfMemoryError, TryAgainError,
@@ -131,10 +131,14 @@ def decode_event(raw: object, count_drop: Callable[[str], None], where: str) -> 
         if not isinstance(raw, (str, bytes)):
             raise InvalidEvent(f"payload is {type(raw).__name__}, not JSON text")
         return parse_event(raw)
-    except InvalidEvent as exc:
+    except Exception as exc:  # noqa: BLE001 - InvalidEvent, or a surprise: never stop a reader
         log.warning("flowtrace: skipping invalid event at %s: %s", where, exc)
         count_drop(DROP_INVALID_EVENT)
         return None
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def check_cancelled() -> None:
@@ -183,16 +187,50 @@ class Outage:
         self.down = False
 
 
+_APPLY_BATCH = """
+local batch = ARGV[1]
+if tonumber(batch) <= tonumber(redis.call('GET', KEYS[1]) or 0) then
+    return {}
+end
+redis.call('SET', KEYS[1], batch, 'EX', ARGV[2])
+local failed, call, i = {}, 0, 3
+while i <= #ARGV do
+    local shared, command = tonumber(ARGV[i]), {}
+    for j = 1, shared do command[j] = ARGV[i + j] end
+    local first = i + shared + 2
+    i = first + tonumber(ARGV[first - 1])
+    for j = first, i - 1 do
+        command[shared + 1] = ARGV[j]
+        call = call + 1
+        local reply = redis.pcall(unpack(command))
+        if type(reply) == 'table' and reply.err then
+            failed[#failed + 1] = call
+            failed[#failed + 1] = reply.err
+        end
+    end
+end
+return failed
+"""
+"""Apply a batch unless it is not newer than the last one applied (``KEYS[1]``): a copy.
+
+``ARGV``: the batch's number, the TTL of ``KEYS[1]``, then runs of commands, each as the
+number of arguments its commands share, those, the number of commands, and each one's
+last argument. A failed command does not stop the others; the reply lists each failed
+one's position (from 1) and error. The first write is the ``SET``: a server refusing
+writes (a replica, OOM) refuses the script before it changes anything.
+"""
+
+Run = tuple[Command, list[Arg], int]
+"""Commands sharing all but their last argument: the shared ones, each command's last one,
+and how many operations each command stands for when it fails."""
+
+
 class Publishing(abc.ABC):
-    """How a transport publishes events' JSON: one by one, or many in one script call."""
+    """How a transport publishes an event's JSON."""
 
     @abc.abstractmethod
-    def publish_command(self, payload: str) -> Command:
-        """The Redis command that publishes one event's JSON."""
-
-    @abc.abstractmethod
-    def publish_script(self, payloads: list[str]) -> Command:
-        """One ``EVAL`` that publishes each of ``payloads``, in order, replying their number."""
+    def publish_prefix(self) -> Command:
+        """The Redis command that publishes one event but for its last argument, the JSON."""
 
 
 class BatchSender:
@@ -213,6 +251,8 @@ class BatchSender:
             raise ValueError("linger must not be negative")
         self._client = client
         self._publishing = publishing
+        self._batches_key = f"flowtrace:batches:{secrets.token_hex(8)}"
+        """Where Redis keeps the number of this sender's last applied batch."""
         self._scripting: bool | None = None
         """Whether the server runs the publish script (None: not asked yet)."""
         self._buffer: deque[tuple[int, Op]] = deque()
@@ -226,6 +266,9 @@ class BatchSender:
         """The newest operation a :meth:`flush` waits for: the batch holding it leaves at once."""
         self._send_now = asyncio.Event()
         self._outage = Outage(what)
+        self._stalled = False
+        """A flush timed out on the batch in flight: Redis may hang (no reply, no error)
+        until the socket timeout, so flushes answer False at once until a batch is sent."""
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -255,7 +298,8 @@ class BatchSender:
         self._ensure_task()
 
     async def flush(self, timeout: float) -> bool:
-        """True once everything submitted so far left; False if Redis is down or on timeout."""
+        """True once everything submitted so far left; False if Redis is down or on timeout,
+        and at once after a timeout until the batch then in flight is sent."""
         target = self._submitted
         self._awaited = max(self._awaited, target)
         self._send_now.set()
@@ -264,7 +308,10 @@ class BatchSender:
         deadline = loop.time() + timeout
         while self._oldest_pending() <= target:
             remaining = deadline - loop.time()
-            if self._outage.down or remaining <= 0:
+            if self._outage.down or self._stalled:
+                return False
+            if remaining <= 0:
+                self._stalled = bool(self._in_flight)
                 return False
             progress = self._progress
             with contextlib.suppress(asyncio.TimeoutError):
@@ -274,6 +321,7 @@ class BatchSender:
     async def close(self, timeout: float) -> None:
         """Flush (bounded), stop the task; what is still unsent is counted ``closed``."""
         if self._task is not None:
+            self._stalled = False  # the last chance to send: wait for it, if bounded
             await self.flush(timeout)
             self._task.cancel()
             await asyncio.wait([self._task])
@@ -321,7 +369,7 @@ class BatchSender:
             try:
                 if self._scripting is None:
                     self._scripting = await self._runs_scripts()
-                results, sizes = await self._deliver(self._in_flight)
+                failures = await self._deliver(self._in_flight)
             except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, back off, retry
                 check_cancelled()
                 self._outage.failed(exc)
@@ -329,9 +377,10 @@ class BatchSender:
                 await backoff.sleep()
                 continue
             self._outage.ok()
+            self._stalled = False
             backoff.reset()
             self._in_flight = []
-            self._report_errors(results, sizes)
+            self._report_errors(failures)
             self._pulse()
             check_cancelled()
 
@@ -347,10 +396,12 @@ class BatchSender:
         check_cancelled()  # wait_for, too, can lose a cancel() on Python < 3.12
 
     async def _runs_scripts(self) -> bool:
-        """Ask the server whether it runs scripts: scripting may be disabled, or denied to this
-        user by an ACL. Asked before the first batch, and again when a script call is refused."""
+        """Ask the server whether it runs the batch script: scripting may be disabled, or the
+        script or its key denied to this user by an ACL. Asked (as batch 0, which applies
+        nothing) before the first batch, and again when a script call is refused."""
         try:
-            await self._client.eval("return 1", 0)
+            await self._client.execute_command(  # type: ignore[no-untyped-call]
+                *self._script_call([], 0))
         except ResponseError as exc:
             if cannot_write_now(exc):  # busy, not refusing: ask again once it answers
                 raise
@@ -361,35 +412,42 @@ class BatchSender:
             check_cancelled()
         return True
 
-    async def _deliver(self, batch: list[tuple[int, Op]]) -> tuple[list[object], list[int]]:
-        """Each command's reply, and how many operations each command carried.
+    async def _deliver(self, batch: list[tuple[int, Op]]) -> list[tuple[Exception, int]]:
+        """Each command Redis rejected, with how many operations it stood for.
 
         A batch is applied whole or not at all, so resending one that a dropped connection
-        cut off does not duplicate its first events (nor count an item twice): a batch of
-        one command (a batch of events alone is one script call) is that by itself, any
-        other goes in MULTI/EXEC, which adds a third to what a round trip costs in redis-py.
-        A refusal of the whole batch (its one command, or the transaction before it ran)
-        applied nothing: raised when Redis cannot take writes now (the batch is retried);
-        the batch sent again one command per event when the server stopped running scripts
-        since it was asked (a changed ACL or configuration); else every command's reply.
+        cut off does not duplicate its first events (nor count an item twice): one script
+        call, which skips a copy of a batch already applied (see ``_APPLY_BATCH``), or,
+        without scripting, one command or a MULTI/EXEC transaction, applied again when sent
+        again. A refusal of the whole batch (the script call, or the transaction before it
+        ran) applied nothing: raised when Redis cannot take writes now (the batch is
+        retried); the batch sent again one command each when the server stopped running
+        scripts since it was asked (a changed ACL or configuration); else it fails whole.
         """
-        commands = self._commands(batch)
-        sizes = [size for _, size in commands]
+        runs = self._runs(batch)
+        sizes = [size for _, lasts, size in runs for _ in lasts]
         try:
+            if self._scripting:
+                reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
+                    *self._script_call(runs, batch[-1][0]))
+                return [(ResponseError(_text(error)), sizes[int(call) - 1])
+                        for call, error in zip(reply[::2], reply[1::2], strict=True)]
+            commands = [(*shared, last) for shared, lasts, _ in runs for last in lasts]
             if len(commands) == 1:
-                reply: object = await self._client.execute_command(  # type: ignore[no-untyped-call]
-                    *commands[0][0])
-                return [reply], sizes
+                await self._client.execute_command(*commands[0])  # type: ignore[no-untyped-call]
+                return []
             async with self._client.pipeline(transaction=True) as pipe:
-                for command, _ in commands:
+                for command in commands:
                     pipe.execute_command(*command)
-                return await pipe.execute(raise_on_error=False), sizes  # errors as replies
+                replies = await pipe.execute(raise_on_error=False)  # errors as replies
+            return [(reply, size) for reply, size in zip(replies, sizes, strict=True)
+                    if isinstance(reply, Exception)]
         except ResponseError as refusal:
             if cannot_write_now(refusal):
                 raise
             if await self._scripting_lost():
                 return await self._deliver(batch)  # once: scripting is off now
-            return [refusal] * len(commands), sizes
+            return [(refusal, sum(sizes))]
 
     async def _scripting_lost(self) -> bool:
         """Whether the server refused the publish script itself: asked again (an error inside
@@ -399,37 +457,34 @@ class BatchSender:
         self._scripting = await self._runs_scripts()
         return not self._scripting
 
-    def _commands(self, batch: list[tuple[int, Op]]) -> list[tuple[Command, int]]:
-        """The batch as Redis commands, in order, each with the operations it carries."""
-        commands: list[tuple[Command, int]] = []
-        payloads: list[str] = []
+    def _runs(self, batch: list[tuple[int, Op]]) -> list[Run]:
+        """The batch's commands, in order: consecutive events are one run."""
+        publish = self._publishing.publish_prefix()
+        runs: list[Run] = []
         for _, op in batch:
             if isinstance(op, str):
-                payloads.append(op)
+                if runs and runs[-1][0] is publish:  # after another event
+                    runs[-1][1].append(op)
+                else:
+                    runs.append((publish, [op], 1))
                 continue
-            commands += self._publications(payloads)
-            payloads = []
             # The operation is counted once, on its first command (HINCRBY, not EXPIRE).
-            commands += [(command, int(i == 0)) for i, command in enumerate(op)]
-        return commands + self._publications(payloads)
+            runs += [(command[:-1], [command[-1]], int(i == 0)) for i, command in enumerate(op)]
+        return runs
 
-    def _publications(self, payloads: list[str]) -> list[tuple[Command, int]]:
-        """Consecutive events: one script call, or one command each without scripting."""
-        publishing = self._publishing
-        if not payloads:
-            return []
-        if self._scripting:
-            return [(publishing.publish_script(payloads), len(payloads))]
-        return [(publishing.publish_command(payload), 1) for payload in payloads]
+    def _script_call(self, runs: list[Run], number: int) -> Command:
+        """The ``EVAL`` of ``_APPLY_BATCH`` that applies ``runs`` as batch ``number``."""
+        args: list[Arg] = ["EVAL", _APPLY_BATCH, 1, self._batches_key, number, BATCHES_TTL_S]
+        for shared, lasts, _ in runs:
+            args += [len(shared), *shared, len(lasts), *lasts]
+        return tuple(args)
 
-    def _report_errors(self, results: list[object], sizes: list[int]) -> None:
-        """Count what Redis rejected: every event of a failed script, as some may be lost."""
-        errors = [(r, size) for r, size in zip(results, sizes, strict=True)
-                  if isinstance(r, Exception)]
-        if errors:
-            log.warning("flowtrace: Redis rejected %d command(s), e.g. %s", len(errors),
-                        describe(errors[0][0]))
-            self._count_drop(DROP_REDIS_ERROR, sum(size for _, size in errors))
+    def _report_errors(self, failures: list[tuple[Exception, int]]) -> None:
+        """Count the operations of what Redis rejected as dropped."""
+        if failures:
+            log.warning("flowtrace: Redis rejected %d command(s), e.g. %s", len(failures),
+                        describe(failures[0][0]))
+            self._count_drop(DROP_REDIS_ERROR, sum(size for _, size in failures))
 
 
 class SenderBackedTransport(Transport, Publishing):

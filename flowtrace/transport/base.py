@@ -104,6 +104,16 @@ class Transport(abc.ABC):
                 callback(reason, count)
 
 
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 5.0
+"""A transport that lost its server retries after 0.1 s, doubling up to 5 s."""
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` (redis-py 8's ``repr`` of its errors is only ``server:ResponseError``)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def id_sort_key(event_id: str) -> tuple[int, int]:
     """Order of event ids ("<major>-<minor>", both transports): comparable within one stream."""
     major, _, minor = event_id.partition("-")

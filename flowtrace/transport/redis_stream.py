@@ -25,42 +25,34 @@ from flowtrace.transport._sender import (
     Outage,
     SenderBackedTransport,
     check_cancelled,
-    describe,
     log,
     make_client,
 )
-from flowtrace.transport.base import FROM_BEGINNING
+from flowtrace.transport.base import FROM_BEGINNING, describe
 
 StreamId = tuple[int, int]
 
-_STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_STREAM_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
 _MAX_ID_PART = 2**64 - 1
 _FIELD = "e"
 _FIELD_BYTES = _FIELD.encode()
 _CLOSE_WAIT_S = 2.0
-_XADD_EACH = """
-local trimming = tonumber(ARGV[1])
-local command = {'XADD', KEYS[1]}
-for i = 2, 1 + trimming do command[#command + 1] = ARGV[i] end
-command[#command + 1] = '*'
-command[#command + 1] = ARGV[2 + trimming]
-local value = #command + 1
-for i = 3 + trimming, #ARGV do
-    command[value] = ARGV[i]
-    redis.call(unpack(command))
-end
-return #ARGV - 2 - trimming
-"""
-"""Each event after the trim arguments (``MAXLEN [~] n``) and the field name: one XADD."""
 
 
 def parse_stream_id(value: str) -> StreamId | None:
-    """``(ms, seq)`` of a full stream id ``"<ms>-<seq>"``, None when it is not one."""
+    """``(ms, seq)`` of a stream id ``"<ms>-<seq>"`` or ``"<ms>"`` (``<ms>-0``, as Redis
+    reads it), None when it is not one."""
     match = _STREAM_ID.fullmatch(value)
     if match is None:
         return None
-    ms, seq = int(match[1]), int(match[2])
+    ms, seq = int(match[1]), int(match[2] or 0)
     return (ms, seq) if ms <= _MAX_ID_PART and seq <= _MAX_ID_PART else None
+
+
+def canonical_stream_id(value: str) -> str | None:
+    """``value`` as ``"<ms>-<seq>"`` (``"5"`` is ``"5-0"``), None when it is no stream id."""
+    parsed = parse_stream_id(value)
+    return None if parsed is None else f"{parsed[0]}-{parsed[1]}"
 
 
 class RedisStreamTransport(SenderBackedTransport):
@@ -93,12 +85,8 @@ class RedisStreamTransport(SenderBackedTransport):
 
     # -- publishing -------------------------------------------------------------
 
-    def publish_command(self, payload: str) -> _sender.Command:
-        return ("XADD", self.stream, *self._trim, "*", _FIELD, payload)
-
-    def publish_script(self, payloads: list[str]) -> _sender.Command:
-        return ("EVAL", _XADD_EACH, 1, self.stream, len(self._trim), *self._trim, _FIELD,
-                *payloads)
+    def publish_prefix(self) -> _sender.Command:
+        return ("XADD", self.stream, *self._trim, "*", _FIELD)
 
     async def close(self) -> None:
         """Ship what is buffered (≤ 2 s), stop the sender, release connections.
@@ -121,7 +109,7 @@ class RedisStreamTransport(SenderBackedTransport):
         """
         start = None
         if since is not None:
-            start = since if parse_stream_id(since) is not None else None
+            start = canonical_stream_id(since)
             if start is None:
                 log.warning("flowtrace: ignoring malformed resume id %r", since)
         early: asyncio.Task[str | None] | None = None
@@ -217,11 +205,12 @@ class RedisStreamTransport(SenderBackedTransport):
         return self._replay(since)
 
     async def _replay(self, since: str) -> AsyncIterator[Event]:
-        if parse_stream_id(since) is None:
+        start = canonical_stream_id(since)
+        if start is None:
             log.warning("flowtrace: ignoring malformed resume id %r", since)
             return
         end = await self._stream_end(self._client)
-        last = since
+        last = start
         while _id(last) < _id(end):
             entries = await self._client.xrange(self.stream, min=f"({last}", max=end,
                                                 count=self._batch_size)
@@ -239,7 +228,7 @@ class RedisStreamTransport(SenderBackedTransport):
 
         Use :meth:`is_history_truncated`.
         """
-        return since != FROM_BEGINNING
+        return canonical_stream_id(since) != FROM_BEGINNING
 
     async def is_history_truncated(self, since: str) -> bool:
         """True when some entry after ``since`` was trimmed or deleted, or ``since`` is foreign.
@@ -251,7 +240,7 @@ class RedisStreamTransport(SenderBackedTransport):
         wanted = parse_stream_id(since)
         if wanted is None:
             return True
-        if since == FROM_BEGINNING:
+        if wanted == (0, 0):  # FROM_BEGINNING
             return False
         try:
             info = await self._stream_info(self._client)

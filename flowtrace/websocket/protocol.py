@@ -151,14 +151,15 @@ def parse_event_types(value: object) -> frozenset[str] | None:
 
 
 def parse_since(value: object) -> str | None:
-    """A resume point: an event id ``"<major>-<minor>"`` (both decimal)."""
+    """A resume point: an event id ``"<major>-<minor>"`` (both decimal); ``"<major>"`` is
+    ``"<major>-0"``, as Redis reads a stream id, so that every transport reads it alike."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise ProtocolError("invalid_message", "'since' must be an event id string")
     if _EVENT_ID.fullmatch(value) is None:
         raise ProtocolError("invalid_message", f"'since' is not an event id: {_clip(value)!r}")
-    return value
+    return value if "-" in value else f"{value}-0"
 
 
 # --------------------------------------------------------------------------- server messages
