@@ -7,6 +7,12 @@ history ended — no gap, no duplicate — and a second one declares silent runs
 
 Replayed history feeds the store only: hooks and WebSocket clients see live events
 (clients that want history ask for it with ``since``).
+
+Silence proves a worker dead only while the gateway can hear it. The transport has no
+health signal for its subscription (which retries by itself), so the sweep first checks
+that the transport answers: while it does not, no run is declared LOST, and once it does
+again every run gets a fresh ``stale_after``, counted from when workers and the subscription
+have had time to reconnect and deliver what they buffered meanwhile.
 """
 
 from __future__ import annotations
@@ -15,19 +21,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from flowtrace.events import BaseEvent, utc_now
 from flowtrace.hooks import HookManager
 from flowtrace.runs import RunStore
-from flowtrace.transport.base import FROM_BEGINNING, Transport
+from flowtrace.transport.base import BACKOFF_MAX_S, FROM_BEGINNING, Transport, describe
 
 logger = logging.getLogger("flowtrace.gateway")
 
 MIN_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
 MAX_SWEEP_INTERVAL = 5.0
+RECONNECT_GRACE = BACKOFF_MAX_S + 1.0
+"""Seconds after the transport answers again before silence counts: publishers and the
+subscription retry at most every ``BACKOFF_MAX_S``, and a subscriber's read blocks ~1 s."""
 
 
 class Broadcaster(Protocol):
@@ -41,7 +50,8 @@ class Gateway:
 
     ``stale_after`` (default: the store's) is how long a RUNNING run may stay silent
     before it is declared LOST; the sweep runs every ``sweep_interval`` seconds
-    (default ``min(stale_after / 4, 5)``).
+    (default ``min(stale_after / 4, 5)``) while the transport answers
+    (``transport_reachable``, as the sweep last found it).
     """
 
     def __init__(self, transport: Transport, *, store: RunStore,
@@ -58,7 +68,9 @@ class Gateway:
         self.sweep_interval = sweep_interval or min(store.stale_after / 4, MAX_SWEEP_INTERVAL)
         self.last_id: str | None = None
         self.events_consumed = 0
+        self.transport_reachable = True
         self._rebuilt = False
+        self._read_error: type[Exception] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -75,8 +87,8 @@ class Gateway:
             return
         try:
             await self._rebuild()
-        except Exception:
-            logger.exception("flowtrace gateway: could not rebuild runs from history; retrying")
+        except Exception as exc:  # noqa: BLE001 - logged; the consumer retries
+            self._read_failed(exc)
         self._tasks = [
             asyncio.create_task(self._consume_forever(), name="flowtrace-gateway-consume"),
             asyncio.create_task(self._sweep_forever(), name="flowtrace-gateway-sweep"),
@@ -109,6 +121,7 @@ class Gateway:
             try:
                 if not self._rebuilt:
                     await self._rebuild()
+                    self._read_again()
                 # FROM_BEGINNING when nothing was retained: whatever was published
                 # between the replay and this subscription is still delivered.
                 since = self.last_id or FROM_BEGINNING
@@ -119,14 +132,30 @@ class Gateway:
                     async for event in events:
                         await self._handle(event)
                         backoff = MIN_BACKOFF
+                        self._read_again()
                 logger.warning("flowtrace gateway: transport subscription ended; resubscribing")
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("flowtrace gateway: consuming the transport failed; "
-                                 "resuming after %s in %.2f s", self.last_id, backoff)
+            except Exception as exc:  # noqa: BLE001 - logged; retried after a backoff
+                self._read_failed(exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _read_failed(self, exc: Exception) -> None:
+        """One line per outage (Redis not up yet, a wrong password...), and one more if the
+        error changes kind (Redis came up, but refuses the password); details at DEBUG."""
+        if self._read_error is not type(exc):
+            logger.warning("flowtrace gateway: cannot read the transport (%s); retrying "
+                           "every %.0f s at most", describe(exc), MAX_BACKOFF)
+        self._read_error = type(exc)
+        logger.debug("flowtrace gateway: reading the transport after %s failed", self.last_id,
+                     exc_info=exc)
+
+    def _read_again(self) -> None:
+        """Called after each successful read: one line when an outage ends."""
+        if self._read_error is not None:
+            self._read_error = None
+            logger.warning("flowtrace gateway: reading the transport again")
 
     async def _handle(self, event: BaseEvent) -> None:
         """One live event to every consumer; none of them can break the loop."""
@@ -151,7 +180,37 @@ class Gateway:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_interval)
-            await self.sweep_once()
+            if await self._can_hear_workers():
+                await self.sweep_once()
+
+    async def _can_hear_workers(self) -> bool:
+        """Whether the transport answers; after it did not, silence counts afresh."""
+        error = await self._probe()
+        if error is not None:
+            if self.transport_reachable:
+                logger.info("flowtrace gateway: LOST sweep paused: the transport is "
+                            "unreachable (%s)", error)
+            self.transport_reachable = False
+            return False
+        if not self.transport_reachable:
+            self.transport_reachable = True
+            self.store.restart_silence(utc_now() + timedelta(seconds=RECONNECT_GRACE))
+            logger.info("flowtrace gateway: LOST sweep resumed: every running run is given "
+                        "%.0f s more", self.store.stale_after + RECONNECT_GRACE)
+        return True
+
+    async def _probe(self) -> str | None:
+        """None when the transport can be read now, else the error.
+
+        A replay raises while the transport is unreachable; its first event is enough.
+        """
+        try:
+            async with _closing(self.transport.replay(self.last_id or FROM_BEGINNING)) as events:
+                async for _ in events:
+                    break
+        except Exception as exc:  # noqa: BLE001 - any failure is "unreachable"
+            return describe(exc)
+        return None
 
     async def sweep_once(self, now: datetime | None = None) -> int:
         """Publish a LOST event for every silent run; returns how many were declared."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import builtins
 import copy
 from collections import OrderedDict
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -65,12 +65,12 @@ class RunBookkeeping:
     """What the store keeps about a run besides its state (never serialized)."""
 
     __slots__ = ("counted_steps", "first_seen_at", "gauge_label", "last_event_at",
-                 "lost_declared_at", "start_seen")
+                 "lost_declared", "start_seen")
 
     def __init__(self) -> None:
         # When the store first and last received an event of this run (the LOST sweep).
         self.last_event_at = self.first_seen_at = utc_now()
-        self.lost_declared_at: datetime | None = None
+        self.lost_declared = False
         self.gauge_label: str | None = None
         self.start_seen = False
         self.counted_steps: set[tuple[int, int, str]] = set()
@@ -164,6 +164,7 @@ class RunStore:
         self.metrics = metrics
         self.stale_after = stale_after
         self._runs: OrderedDict[str, RunState] = OrderedDict()
+        self._silence_from = datetime.min.replace(tzinfo=timezone.utc)
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -207,7 +208,6 @@ class RunStore:
         else:
             self._runs.move_to_end(event.pipeline_id)
         run._book.last_event_at = max(run._book.last_event_at, received)
-        run._book.lost_declared_at = None
         self._absorb_identity(run, event)
         if isinstance(event, PipelineStartEvent):
             self._on_pipeline_start(run, event)
@@ -319,7 +319,6 @@ class RunStore:
         run.finished_at = at
         run.duration_ms = duration_ms
         run.error = error
-        run._book.lost_declared_at = None
         if self.metrics is not None:
             # The gauge was raised under the name first seen (it may have been filled in
             # since): lower it there, count the run under the final name.
@@ -331,23 +330,32 @@ class RunStore:
         run._book.gauge_label = None
 
     # ----------------------------------------------------------------- LOST sweep
+    def restart_silence(self, at: datetime) -> None:
+        """Count no run's silence before ``at``: every RUNNING run gets a fresh ``stale_after``.
+
+        For time when the gateway could not hear the workers (its transport unreachable):
+        their silence then says nothing about them.
+        """
+        self._silence_from = max(self._silence_from, at)
+
     def sweep_lost(self, now: datetime | None = None) -> builtins.list[PipelineErrorEvent]:
         """LOST events for RUNNING runs silent for ``stale_after`` seconds.
 
         The store does not change state here: the caller publishes the events and the
-        run becomes LOST when one comes back through :meth:`apply`. A run is declared
-        once; it is declared again only if it stays silent for another ``stale_after``
-        (the published event was lost) — any event of the run clears the declaration.
+        run becomes LOST when one comes back through :meth:`apply`, so that state follows
+        the transport's order, as on every gateway. A run is declared once: its event,
+        even while it waits to be published, settles it (an event that never arrives
+        leaves the run RUNNING here, rather than risk a second LOST).
         """
         now = now or utc_now()
         stale = timedelta(seconds=self.stale_after)
         declared: builtins.list[PipelineErrorEvent] = []
         for run in self._runs.values():
-            if run.is_terminal or now - run._book.last_event_at < stale:
+            if run.is_terminal or run._book.lost_declared:
                 continue
-            if run._book.lost_declared_at is not None and now - run._book.lost_declared_at < stale:
+            if now - max(run._book.last_event_at, self._silence_from) < stale:
                 continue
-            run._book.lost_declared_at = now
+            run._book.lost_declared = True
             declared.append(self._lost_event(run, now))
         return declared
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from flowtrace.events import StepProgressEvent
+from flowtrace.transport.redis_stream import RedisStreamTransport
+from tests.support.gateway_proc import GatewayProcess, WsFeed
+from tests.support.processes import RedisServer
 from tests.support.waiting import async_wait_until
 from tests.support.ws_server import (
     LiveServer,
@@ -125,6 +131,103 @@ async def test_slow_consumer_is_closed_4008_and_nobody_else_waits(server: LiveSe
     assert stats["messages_sent"] >= HEALTHY * EVENTS
     for ws in healthy:
         await ws.close()
+
+
+class Problems(logging.Handler):
+    """Warnings and errors of the given loggers (uvicorn's do not reach pytest's caplog)."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(logging.WARNING)
+        self.loggers = [logging.getLogger(name) for name in names]
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
+
+    def __enter__(self) -> Problems:
+        for logger in self.loggers:
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for logger in self.loggers:
+            logger.removeHandler(self)
+
+
+def holds_connection(port: int, peer_port: int) -> bool:
+    """Whether this process still has a socket on ``port`` connected to ``peer_port``."""
+    return any(conn.laddr and conn.raddr and conn.laddr.port == port
+               and conn.raddr.port == peer_port
+               for conn in psutil.Process().net_connections(kind="tcp"))
+
+
+@with_options(transport=False, send_queue_size=200, stalled_client_timeout=0.5)
+async def test_an_abandoned_slow_consumer_is_dropped_quietly(server: LiveServer) -> None:
+    """A slow consumer that never reads its 4008 is given up on: the server drops the
+    connection (rather than wait for the peer to read, forever) and logs no error."""
+    with Problems("uvicorn.error", "flowtrace.websocket") as problems:
+        sock = small_buffer_socket(server.port)
+        stuck = await connect(server, "/ws/*", sock=sock, max_queue=1)
+        await async_wait_until(lambda: _connections(server, 1), message="connected")
+        manager = server.manager
+        assert manager is not None
+        [client] = manager.clients
+
+        async def flood() -> None:
+            def flagged() -> bool:
+                for done in range(100):
+                    manager.broadcast_nowait(StepProgressEvent(
+                        pipeline_id="run", step_name="fan-out", done=done, total=100))
+                return bool(manager.stats()["slow_consumer_disconnects"])
+            await async_wait_until(flagged, timeout=60, interval=0.01,
+                                   message="the slow consumer to be found")
+
+        await server.acall(flood, timeout=90)
+        await async_wait_until(lambda: server.query(client.finished.is_set), timeout=30,
+                               message="the stalled client given up on")
+        port, peer = server.port, sock.getsockname()[1]
+        await async_wait_until(lambda: not holds_connection(port, peer), timeout=10,
+                               message="the server to drop the connection")
+        assert (await server.stats())["connections"] == 0
+        stuck.transport.abort()
+    assert problems.lines == []
+
+
+async def test_sigterm_with_a_stuck_client_closes_the_others_1001_and_exits(
+        events_redis: RedisServer) -> None:
+    gateway = GatewayProcess(events_redis.url)
+    publisher = RedisStreamTransport(events_redis.url)
+    try:
+        gateway.wait_healthy()
+        async with WsFeed.open(gateway.ws_url("/ws/*")) as healthy:
+            stuck = await websockets.connect(
+                gateway.ws_url("/ws/*"), sock=small_buffer_socket(gateway.port), max_queue=1,
+                compression=None, proxy=None, ping_interval=None)
+
+            async def slow_consumer_found() -> bool:
+                """One more burst of events, paced by the healthy client."""
+                sent = len(healthy.events) + 500
+                for done in range(500):
+                    await publisher.publish(StepProgressEvent(
+                        pipeline_id="run", step_name="fan-out", done=done, total=500))
+                assert await publisher.flush(timeout=10)
+                await healthy.wait(lambda: len(healthy.events) >= sent, "the burst")
+                stats = (await gateway.get("/ws/metrics")).json()
+                return bool(stats["slow_consumer_disconnects"])
+
+            await async_wait_until(slow_consumer_found, timeout=120, interval=0,
+                                   message="the stuck client to be a slow consumer")
+            gateway.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(gateway.proc.wait, 60) == 0
+            await async_wait_until(lambda: healthy.ended, message="the healthy client closed")
+            assert healthy.ws.close_code == 1001
+            stuck.transport.abort()
+        output = gateway.output()
+        assert "Traceback" not in output, output
+        assert "graceful shutdown exceeded" not in output, output
+    finally:
+        await publisher.close()
+        gateway.stop()
 
 
 # --------------------------------------------------------------------------- bad input

@@ -50,6 +50,8 @@ from flowtrace.websocket.protocol import (
 logger = logging.getLogger("flowtrace.websocket")
 
 BEARER_SUBPROTOCOL = "bearer"
+_MAX_SEND_WRAPPERS = 16
+"""How many callables :func:`_abort_connection` looks through for the server's transport."""
 
 
 def manager_for(connection: HTTPConnection) -> FastAPIWebSocketManager:
@@ -128,6 +130,32 @@ async def fastapi_websocket_endpoint(websocket: WebSocket, pipeline_id: str,
     await _Session(manager, client).run(pipeline_id)
 
 
+def _abort_connection(websocket: WebSocket) -> bool:
+    """Drop ``websocket``'s TCP connection at once, with whatever is still unsent.
+
+    A graceful close waits until the peer has read what the server buffered: from a peer
+    that stopped reading, forever, holding the socket and making the server's shutdown
+    wait for it. ASGI has no abort, so this looks for the server's transport behind
+    ``send`` (uvicorn's ``send`` is a method of its protocol, which holds the transport;
+    Starlette wraps it in closures). False where there is none to find.
+    """
+    pending: list[object] = [getattr(websocket, "_send", None)]
+    for _ in range(_MAX_SEND_WRAPPERS):
+        if not pending:
+            break
+        candidate = pending.pop(0)
+        transport = getattr(getattr(candidate, "__self__", None), "transport", None)
+        abort = getattr(transport, "abort", None)  # asyncio's or uvloop's transport
+        if callable(abort):
+            abort()
+            return True
+        for cell in getattr(candidate, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if callable(cell.cell_contents):
+                    pending.append(cell.cell_contents)
+    return False
+
+
 async def _accept_and_close(websocket: WebSocket, subprotocol: str | None, code: int,
                             reason: str) -> None:
     with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
@@ -154,13 +182,15 @@ class _Session:
                 # The peer left, or the reader asked for a close: let the writer send it.
                 failed = not reader.cancelled() and reader.exception() is not None
                 manager.request_close(client, CLOSE_INTERNAL_ERROR if failed else CLOSE_NORMAL)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(writer), manager.close_timeout)
+                await asyncio.wait({writer}, timeout=manager.close_timeout)
         finally:
             manager.unregister(client)
             for task in (reader, writer):
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
+            if writer.cancelled():
+                # Given up on (a peer that stopped reading): its close was never written.
+                _abort_connection(self.websocket)
             for task in (reader, writer):
                 if not task.cancelled() and task.exception() is not None:
                     logger.error("WebSocket %s task failed", task.get_name(),

@@ -150,6 +150,7 @@ class FastAPIWebSocketManager:
         allowed_origins: Iterable[str] | None = None,
         close_timeout: float = 5.0,
         resume_stall_timeout: float = RESUME_STALL_TIMEOUT,
+        stalled_client_timeout: float = STALLED_CLIENT_TIMEOUT,
     ) -> None:
         if min(max_connections, send_queue_size, max_message_bytes, max_subscriptions,
                max_bad_frames) < 1:
@@ -169,6 +170,7 @@ class FastAPIWebSocketManager:
         )
         self.close_timeout = close_timeout
         self.resume_stall_timeout = resume_stall_timeout
+        self.stalled_client_timeout = stalled_client_timeout
         # A replay fills the outbox up to half; live events held meanwhile get the rest, so
         # that going live never overfills the outbox of a client that kept up.
         self.replay_limit = max(1, send_queue_size // 2)
@@ -331,10 +333,11 @@ class FastAPIWebSocketManager:
         # A peer that never reads again blocks its writer in send(), so the 4008 can never
         # be written and the connection would hold its slot forever: give up on it after a
         # while (long enough for a slow reader that drains later to still get its 4008).
-        asyncio.get_running_loop().call_later(STALLED_CLIENT_TIMEOUT, self._abandon, client)
+        asyncio.get_running_loop().call_later(self.stalled_client_timeout, self._abandon, client)
 
     @staticmethod
     def _abandon(client: WebSocketClient) -> None:
+        """Stop the client's tasks; its session then drops the connection."""
         if client.finished.is_set():
             return
         for task in (client.writer, client.reader):
@@ -525,7 +528,8 @@ class FastAPIWebSocketManager:
         """Close every client with ``code`` and wait until their tasks have ended.
 
         A client whose close cannot be written (it stopped reading) is given up on
-        after ``timeout`` (default ``close_timeout``): its tasks are cancelled.
+        after ``timeout`` (default ``close_timeout``): its tasks are cancelled and its
+        session drops the connection, so that the server does not wait for it either.
         """
         clients = list(self._clients)
         if not clients:

@@ -1,0 +1,119 @@
+"""``flowtrace serve`` while its Redis is down: no run declared LOST for the gateway's own
+deafness (SPEC §3), and one log line per outage rather than a traceback per retry."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from typing import Any
+
+from flowtrace.events import (
+    BaseEvent,
+    PipelineCompleteEvent,
+    PipelineErrorEvent,
+    PipelineStartEvent,
+    StepCompleteEvent,
+    StepStartEvent,
+)
+from flowtrace.transport.redis_stream import RedisStreamTransport
+from tests.support.gateway_proc import GatewayProcess, serve_gateways, stream_events
+from tests.support.processes import RedisServer
+from tests.support.waiting import async_wait_until
+
+STALE_AFTER = 3.0
+
+
+def run_events(pipeline_id: str, name: str) -> tuple[list[BaseEvent], list[BaseEvent]]:
+    """A one-step run: the events of its start, and those of its end."""
+    common: dict[str, Any] = {"pipeline_id": pipeline_id, "pipeline_name": name}
+    started: list[BaseEvent] = [
+        PipelineStartEvent(**common, total_steps=1, steps=["work"]),
+        StepStartEvent(**common, step_name="work", task_id="t"),
+    ]
+    ended: list[BaseEvent] = [
+        StepCompleteEvent(**common, step_name="work", task_id="t", duration_ms=1.0),
+        PipelineCompleteEvent(**common, duration_ms=2.0),
+    ]
+    return started, ended
+
+
+async def publish(url: str, events: list[BaseEvent]) -> None:
+    """Publish as a worker would, and wait until Redis has the events."""
+    publisher = RedisStreamTransport(url)
+    try:
+        for event in events:
+            await publisher.publish(event)
+        assert await publisher.flush(timeout=10)
+    finally:
+        await publisher.close()
+
+
+async def status_is(gateway: GatewayProcess, pipeline_id: str, status: str) -> bool:
+    state = await gateway.run_state(pipeline_id)
+    return state is not None and state["status"] == status
+
+
+async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServer) -> None:
+    alive, witness = f"alive-{uuid.uuid4().hex}", f"witness-{uuid.uuid4().hex}"
+    started, ended = run_events(alive, "alive")
+    with serve_gateways(events_redis.url, 1, "--stale-after", str(STALE_AFTER)) as (gateway,):
+        await publish(events_redis.url, started)
+        await async_wait_until(lambda: status_is(gateway, alive, "RUNNING"), timeout=30,
+                               message="the run under way")
+
+        events_redis.kill()
+        # The outage: the run's worker is fine, but nobody hears it for twice stale_after,
+        # over several sweeps (every stale_after / 4).
+        await asyncio.sleep(2 * STALE_AFTER)
+        events_redis.start()
+        await publish(events_redis.url, ended)
+        await async_wait_until(lambda: status_is(gateway, alive, "COMPLETED"), timeout=60,
+                               message="the run's own end")
+
+        # The sweep still works once Redis is back: a run silent from now on is declared
+        # LOST, after whatever the gateway had buffered during the outage was published.
+        await publish(events_redis.url, run_events(witness, "witness")[0])
+        await async_wait_until(lambda: status_is(gateway, witness, "LOST"), timeout=60,
+                               message="the silent witness declared LOST")
+
+        stream = await stream_events(events_redis.url)
+        lost = [e.pipeline_id for e in stream if isinstance(e, PipelineErrorEvent)]
+        assert lost == [witness]
+        assert await gateway.metric("flowtrace_pipeline_runs_total",
+                                    pipeline="alive", status="completed") == 1.0
+        assert await gateway.metric("flowtrace_pipeline_runs_total",
+                                    pipeline="alive", status="lost") is None
+        assert await gateway.metric("flowtrace_pipeline_runs_total",
+                                    pipeline="witness", status="lost") == 1.0
+
+
+async def test_a_gateway_started_before_its_redis_says_so_once_and_catches_up() -> None:
+    redis = RedisServer()  # its port, but nothing listening yet
+    try:
+        with serve_gateways(redis.url, 1) as (gateway,):
+            refused = f"connecting to 127.0.0.1:{redis.port}"
+            await async_wait_until(lambda: refused in gateway.output(), timeout=30,
+                                   message="the gateway to report the outage")
+            # The rest of the outage: it retries with a backoff from 0.05 s, failing again
+            # several times.
+            await asyncio.sleep(2.0)
+            redis.start()
+
+            run = f"after-{uuid.uuid4().hex}"
+            started_events, ended_events = run_events(run, "after")
+            await publish(redis.url, started_events + ended_events)
+            await async_wait_until(lambda: status_is(gateway, run, "COMPLETED"), timeout=60,
+                                   message="the run published once Redis is up")
+
+            output = gateway.output()
+            assert "Traceback" not in output, output
+            said = [line for line in output.splitlines()
+                    if line.startswith("flowtrace") and " running on " not in line]
+            assert len(said) == 2, output
+            assert said[0].startswith("flowtrace gateway: cannot read the transport "
+                                      "(ConnectionError: "), output
+            assert said[1] == "flowtrace gateway: reading the transport again", output
+    finally:
+        redis.kill()
+        shutil.rmtree(redis.dir, ignore_errors=True)
