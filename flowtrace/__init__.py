@@ -27,7 +27,11 @@ if TYPE_CHECKING:
     from flowtrace.pipeline import Pipeline
 
 
-__getattr__ = lazy_attributes(__name__, _EXPORTS)
+_SUBMODULES = frozenset({"app", "cli", "events", "hooks", "metrics", "tracing", "transport",
+                         "websocket"})
+"""The public submodules, reachable after a plain ``import flowtrace``."""
+
+__getattr__ = lazy_attributes(__name__, _EXPORTS, _SUBMODULES)
 
 
 __all__ = ["EventFilter", "FlowtraceMiddleware", "HookManager", "Pipeline", "instrument"]

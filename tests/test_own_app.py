@@ -41,6 +41,7 @@ async def test_router_in_an_own_app_streams_live_and_closes_with_1001() -> None:
             events = await feed.wait_terminal(pipeline_id)
             assert [e.type for e in events] == ["PipelineStartEvent", "StepStartEvent",
                                                 "StepCompleteEvent", "PipelineCompleteEvent"]
+            await _subscribing_after_the_kick_misses_nothing(base, port)
             proc.send_signal(signal.SIGTERM)
             await async_wait_until(lambda: feed.ended, timeout=30,
                                    message="the server to close the socket")
@@ -48,3 +49,21 @@ async def test_router_in_an_own_app_streams_live_and_closes_with_1001() -> None:
         assert proc.wait(timeout=30) == 0
     finally:
         kill_process(proc)
+
+
+async def _subscribing_after_the_kick_misses_nothing(base: str, port: int) -> None:
+    """SPEC §2: a caller subscribes to ``/ws/{task_id}`` right after kicking. The bridge
+    keeps this process's runs, so the run's snapshot comes first even when the run
+    ended before the socket opened, and the REST routes know the run."""
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        pipeline_id = (await client.post(base + "/kick")).json()["pipeline_id"]
+        async with WsFeed.open(f"ws://127.0.0.1:{port}/ws/{pipeline_id}") as feed:
+            await feed.wait(lambda: feed.frames_of("snapshot") or (feed.of(pipeline_id)
+                            and feed.of(pipeline_id)[-1].type == "PipelineCompleteEvent"),
+                            "the run's snapshot or its events")
+            snapshots = feed.frames_of("snapshot")
+            if snapshots:  # (else the run was not known yet: every event arrives live)
+                assert feed.frames.index(snapshots[0]) == 1  # right after "subscribed"
+                assert snapshots[0]["pipeline"]["pipeline_id"] == pipeline_id
+        run = (await client.get(f"{base}/api/pipelines/{pipeline_id}")).json()
+        assert run["status"] == "COMPLETED" and run["pipeline_name"] == "own.add_one"

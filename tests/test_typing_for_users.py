@@ -36,6 +36,13 @@ class Alerts:
 
 hooks = HookManager()
 hooks.add_hook(Alerts(), EventFilter(event_types=["PipelineErrorEvent"]))
+
+
+def kind(event: flowtrace.events.BaseEvent) -> str:
+    return event.type
+
+
+reveal_type(flowtrace.websocket.router)
 '''
 
 
@@ -53,3 +60,14 @@ def test_strict_mypy_on_a_users_code_sees_flowtraces_types(tmp_path: Path) -> No
     assert 'Revealed type is "flowtrace.middleware.FlowtraceMiddleware"' in report
     assert 'Revealed type is "fastapi.applications.FastAPI"' in report
     assert "flowtrace.events.PipelineErrorEvent" in report  # parse_event's union
+    assert 'Revealed type is "fastapi.routing.APIRouter"' in report
+
+
+def test_a_plain_import_reaches_the_public_submodules() -> None:
+    """The README's ``flowtrace.websocket.router`` and ``flowtrace.cli.run_app`` after
+    ``import flowtrace`` alone, in a fresh interpreter."""
+    code = ("import flowtrace; print(type(flowtrace.websocket.router).__name__, "
+            "flowtrace.app.create_app.__name__, flowtrace.cli.run_app.__name__)")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert ran.stdout.split() == ["APIRouter", "create_app", "run_app"], ran.stderr

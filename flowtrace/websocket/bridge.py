@@ -2,14 +2,24 @@
 
 For one process (no transport) as in the reference design. With a gateway, the
 gateway feeds the manager from the transport instead and no bridge is needed.
+
+A manager without a run store gets one from the bridge, fed with every event before it
+is broadcast: a client that subscribes to a run right after kicking it (or after it
+ended) gets its ``snapshot`` first, then live events, with no gap (SPEC §2, §6); the
+router's REST routes list this process's runs. There is no history to resume from:
+``since`` needs the gateway's transport.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from flowtrace.events import BaseEvent
+from flowtrace.runs import RunStore
 from flowtrace.websocket.manager import FastAPIWebSocketManager, get_fastapi_ws_manager
+
+logger = logging.getLogger("flowtrace.websocket")
 
 
 class _HookManagerLike(Protocol):
@@ -17,12 +27,24 @@ class _HookManagerLike(Protocol):
 
 
 class WebSocketBridgeHook:
-    """``on_event`` → ``manager.broadcast`` (which never waits on a socket)."""
+    """``on_event`` → the run store it gave the manager (if any) → ``manager.broadcast``
+    (which never waits on a socket)."""
 
     def __init__(self, manager: FastAPIWebSocketManager) -> None:
         self.manager = manager
+        self.store: RunStore | None = None
+        """The manager's run store when this bridge created it (else someone else feeds it)."""
+        if manager.store is None:
+            self.store = manager.store = RunStore()
 
     async def on_event(self, event: BaseEvent) -> None:
+        if self.store is not None:
+            try:
+                self.store.apply(event)
+            except Exception:
+                logger.exception("flowtrace: the bridge's run store could not apply %s",
+                                 type(event).__name__)
+        # No await since applying: a client subscribing now gets the snapshot or the event.
         await self.manager.broadcast(event)
 
 
