@@ -34,6 +34,9 @@ from flowtrace.websocket import FastAPIWebSocketManager, router
 DEFAULT_TRACE_URL = "http://localhost:16686/trace/{trace_id}"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CLOSE_GOING_AWAY = 1001
+# The page and its files may be cached but are revalidated (ETag) on every load, so that
+# a browser never keeps running an old app.js after an upgrade.
+PAGE_CACHE_CONTROL = "no-cache"
 
 PLACEHOLDER_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flowtrace</title></head>
@@ -124,12 +127,23 @@ def _add_routes(app: FastAPI, metrics: GatewayMetrics, trace_url: str | None,
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         # Looked up per request: the page may be installed after the app was built.
+        headers = {"Cache-Control": PAGE_CACHE_CONTROL}
         if page.is_file():
-            return FileResponse(page, media_type="text/html")
-        return HTMLResponse(PLACEHOLDER_PAGE)
+            return FileResponse(page, media_type="text/html", headers=headers)
+        return HTMLResponse(PLACEHOLDER_PAGE, headers=headers)
 
     if static_dir.is_dir():
-        app.mount("/static", StaticFiles(directory=static_dir), name="static")
+        app.mount("/static", RevalidatedStaticFiles(directory=static_dir), name="static")
+
+
+class RevalidatedStaticFiles(StaticFiles):
+    """``StaticFiles`` whose answers (200 and 304) say ``Cache-Control: no-cache``."""
+
+    def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result,
+                      scope: Scope, status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = PAGE_CACHE_CONTROL
+        return response
 
 
 class ApiTokenGuard:

@@ -8,7 +8,8 @@ package (not under ``examples/``) so that an installed ``flowtrace demo`` finds 
 - ``etl``: extract → transform → load, each step sleeping a little.
 - ``thumbnails``: lists ~50 images and maps ``make_thumbnail`` over them (a progress bar).
 - ``billing``: validate → charge → receipt; a declined card fails the charge step.
-- ``inventory``: fetch → push; the push's first attempt fails and taskiq retries it.
+- ``inventory``: fetch → push; the push's first attempt fails and taskiq retries it
+  :data:`RETRY_DELAY` seconds later (long enough to see the step retrying on the page).
 - ``signup``: validate → create account; a username with markup fails validation, and
   the error message repeats what the user typed (``<img src=x onerror=...>``), which
   the live page must show as text.
@@ -18,21 +19,59 @@ package (not under ``examples/``) so that an installed ``flowtrace demo`` finds 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from taskiq import Context, InMemoryBroker, SimpleRetryMiddleware, TaskiqDepends
+from taskiq import Context, InMemoryBroker, SmartRetryMiddleware, TaskiqDepends, TaskiqMessage
+from taskiq.kicker import AsyncKicker
 from taskiq_pipelines import PipelineMiddleware
 
 import flowtrace
+
+RETRY_DELAY = 1.5
+"""Seconds between a failed attempt and its retry."""
+
+
+class DelayedRetryMiddleware(SmartRetryMiddleware):
+    """taskiq's ``SmartRetryMiddleware``, with a delay that an ``InMemoryBroker`` keeps.
+
+    ``SmartRetryMiddleware`` leaves the delay to the broker (a ``delay`` label), which
+    ``InMemoryBroker`` ignores: the retry would start at once. Here it is kicked after
+    the delay, from a context of its own (as a scheduler would), not the failed task's.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._waiting: set[asyncio.Task[None]] = set()
+
+    async def on_send(self, kicker: AsyncKicker[Any, Any], message: TaskiqMessage,
+                      delay: float) -> None:
+        later = self._kick_later(kicker, message, delay)
+        task = contextvars.Context().run(asyncio.ensure_future, later)
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
+    @staticmethod
+    async def _kick_later(kicker: AsyncKicker[Any, Any], message: TaskiqMessage,
+                          delay: float) -> None:
+        await asyncio.sleep(delay)
+        await kicker.kiq(*message.args, **message.kwargs)
+
+    async def shutdown(self) -> None:
+        for task in self._waiting:
+            task.cancel()
+        await asyncio.gather(*self._waiting, return_exceptions=True)
+
 
 # In-memory results are evicted oldest first: keep enough of them for a map's waiter
 # to read its ~50 items' results while many runs are in flight. Map items run
 # concurrently, so the concurrency limit is well above a few runs' worth of items.
 broker = InMemoryBroker(max_stored_results=20_000, max_async_tasks=2_000)
-broker.add_middlewares(PipelineMiddleware(), SimpleRetryMiddleware(default_retry_count=3))
+broker.add_middlewares(PipelineMiddleware(),
+                       DelayedRetryMiddleware(default_retry_count=3, default_delay=RETRY_DELAY))
 
 XSS_USERNAME = '<img src=x onerror="window.__xss=1">'
 """A hostile username: its validation error carries it verbatim."""
@@ -188,4 +227,4 @@ def next_round(rng: random.Random) -> list[Kick]:
     return kicks
 
 
-__all__ = ["XSS_USERNAME", "broker", "next_round"]
+__all__ = ["RETRY_DELAY", "XSS_USERNAME", "DelayedRetryMiddleware", "broker", "next_round"]

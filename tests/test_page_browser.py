@@ -252,6 +252,16 @@ def test_map_step_progress_reaches_its_total(live: LivePage) -> None:
     expect(row).to_have_attribute("data-status", "COMPLETED", timeout=WAIT_MS)
 
 
+def test_a_retried_step_shows_retrying_then_succeeds(live: LivePage) -> None:
+    # inventory's push_to_store fails its first attempt; the demo retries it 1.5 s later.
+    run_id = live.first_id('[data-testid=run][data-name=inventory]:has(.dot.s-RETRYING)')
+    row = live.expand(run_id)
+    expect(row).to_have_attribute("data-status", "COMPLETED")
+    pushed = row.locator("[data-testid=step][data-step-index='1']")
+    expect(pushed).to_have_attribute("data-status", "COMPLETED")
+    expect(pushed.get_by_test_id("step-attempt")).to_have_text("2")
+
+
 def test_markup_in_errors_and_results_is_shown_as_text(live: LivePage) -> None:
     page = live.page
     failed = live.run(live.first_id(

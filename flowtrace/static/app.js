@@ -10,19 +10,25 @@ const RENDER_MS = 100;
 const EVENT_TYPES = new Set(["PipelineStartEvent", "StepStartEvent", "StepProgressEvent",
   "StepCompleteEvent", "StepErrorEvent", "PipelineCompleteEvent", "PipelineErrorEvent"]);
 const TERMINAL = new Set(["COMPLETED", "FAILED", "LOST"]);
+// What a WebSocket subprotocol may be (an RFC 7230 token): base64's "/" and "=" may not.
+const SUBPROTOCOL = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
-const token = new URLSearchParams(location.search).get("token");
+// ?token= (URL-encoded). A bare "+" stays a "+": tokens have no spaces, base64 ones have "+".
+const token = new URLSearchParams(location.search.replaceAll("+", "%2B")).get("token");
+// The gateway takes the token as `Sec-WebSocket-Protocol: bearer, <token>` or as ?token=.
+const tokenAsSubprotocol = Boolean(token) && SUBPROTOCOL.test(token);
 const runs = new Map();        // pipeline_id -> run (SPEC §6 run state, times in ms)
 const forgotten = new Set();   // pruned runs: their late events are ignored
 const expanded = new Set();    // pipeline ids whose details are open
 const rows = new Map();        // pipeline_id -> <tbody>
 const dirty = new Set();
 let renderTimer = 0;
+let pressed = false;           // a mouse button is down: rows stay in place until it is up
 let traceUrl = null;
 
 const conn = {
   ws: null, lastId: null, attempt: 0, buffer: null, pollTimer: 0, reconnectTimer: 0,
-  closedWith: "", downDetail: "",
+  closedWith: "", downDetail: "", refused: false,
 };
 
 // ---------------------------------------------------------------- state
@@ -142,14 +148,17 @@ function finish(run, status, at, durationMs, error) {
 function prune() {
   if (runs.size <= MAX_RUNS) return;
   for (const run of sortedRuns().slice(MAX_RUNS)) {
-    runs.delete(run.pipeline_id);
-    expanded.delete(run.pipeline_id);
+    drop(run.pipeline_id);
     forgotten.add(run.pipeline_id);
-    const row = rows.get(run.pipeline_id);
-    if (row) row.remove();
-    rows.delete(run.pipeline_id);
   }
   if (forgotten.size > 10 * MAX_RUNS) forgotten.clear();
+}
+
+function drop(id) {
+  runs.delete(id);
+  expanded.delete(id);
+  rows.get(id)?.remove();
+  rows.delete(id);
 }
 
 const sortedRuns = () => [...runs.values()].sort((a, b) =>
@@ -171,6 +180,10 @@ function el(tag, attrs, ...children) {
 
 function touch(id) {
   dirty.add(id);
+  scheduleRender();
+}
+
+function scheduleRender() {
   if (!renderTimer) renderTimer = setTimeout(render, RENDER_MS);
 }
 
@@ -182,29 +195,63 @@ function render() {
     if (run) renderRun(run);
   }
   dirty.clear();
-  const table = document.getElementById("runs");
-  let previous = table.tHead;
+  if (!pressed) placeRows();
+  renderSummary();
+}
+
+// Newest first. Not while a button is down: new runs arriving at the top would move the
+// rows, and a press and its release would land on different ones (no click).
+function placeRows() {
+  let previous = document.getElementById("runs").tHead;
   for (const run of sortedRuns()) {
     const row = rows.get(run.pipeline_id);
     if (previous.nextSibling !== row) previous.after(row);
     previous = row;
   }
-  renderSummary();
 }
 
+// A run's rows are built anew, then morphed into the ones on the page: the elements there
+// stay, so a press and its release land on the same one (a click), selections and focus last.
 function renderRun(run) {
-  let body = rows.get(run.pipeline_id);
-  if (!body) {
-    body = el("tbody", { class: "run", "data-testid": "run", "data-run-id": run.pipeline_id });
-    rows.set(run.pipeline_id, body);
-  }
   const open = expanded.has(run.pipeline_id);
-  const focused = body.contains(document.activeElement);
-  body.dataset.status = run.status;
-  body.dataset.name = run.pipeline_name;
-  body.classList.toggle("open", open);
-  body.replaceChildren(...[summaryRow(run, open), open && detailsRow(run)].filter(Boolean));
-  if (focused) body.querySelector(".toggle").focus(); // keyboard users keep their place
+  const model = el("tbody", { class: open ? "run open" : "run", "data-testid": "run",
+      "data-run-id": run.pipeline_id, "data-status": run.status, "data-name": run.pipeline_name },
+    summaryRow(run, open), open && detailsRow(run));
+  const body = rows.get(run.pipeline_id);
+  if (body) morph(body, model); else rows.set(run.pipeline_id, model);
+}
+
+// Make `node` like `model`, changing only what differs.
+function morph(node, model) {
+  for (const name of node.getAttributeNames()) {
+    if (!model.hasAttribute(name)) node.removeAttribute(name);
+  }
+  for (const name of model.getAttributeNames()) {
+    const value = model.getAttribute(name);
+    if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+  }
+  const wanted = [...model.childNodes];
+  wanted.forEach((child, i) => {
+    const have = node.childNodes[i];
+    if (!have) node.append(child);
+    else if (have.nodeType === Node.TEXT_NODE && child.nodeType === Node.TEXT_NODE) {
+      if (have.data !== child.data) have.data = child.data;
+    } else if (have.nodeType === Node.ELEMENT_NODE && have.nodeName === child.nodeName) {
+      morph(have, child);
+    } else {
+      have.replaceWith(child);
+    }
+  });
+  while (node.childNodes.length > wanted.length) node.lastChild.remove();
+}
+
+// One listener on the table, whatever rows come and go.
+function onRunsClick(e) {
+  const row = e.target.closest("tr.summary-row");
+  if (!row || e.target.closest("a")) return;
+  const id = row.parentElement.dataset.runId;
+  if (expanded.has(id)) expanded.delete(id); else expanded.add(id);
+  touch(id);
 }
 
 function summaryRow(run, open) {
@@ -212,7 +259,7 @@ function summaryRow(run, open) {
   const toggle = el("button", { type: "button", class: "toggle", "data-testid": "run-toggle",
     "aria-expanded": String(open), "aria-label": `details of ${run.pipeline_name} run ${id}`,
     text: open ? "▾" : "▸" });
-  const row = el("tr", { class: "summary-row" },
+  return el("tr", { class: "summary-row" },
     el("td", { class: "col-toggle" }, toggle),
     el("td", { class: "name" },
       el("span", { "data-testid": "run-name", text: run.pipeline_name || "(unnamed)" }),
@@ -224,12 +271,6 @@ function summaryRow(run, open) {
       text: clockOf(run.started_at) }),
     outcomeCell(run),
     el("td", {}, traceLink(run)));
-  row.addEventListener("click", (e) => {
-    if (e.target.closest("a")) return;
-    if (expanded.has(id)) expanded.delete(id); else expanded.add(id);
-    touch(id);
-  });
-  return row;
 }
 
 function outcomeCell(run) {
@@ -252,13 +293,13 @@ function stepDots(run) {
 
 function detailsRow(run) {
   const start = run.started_at;
-  const end = run.finished_at || Math.max(Date.now(), ...run.steps.map((s) => s.finished_at || 0));
+  const end = run.finished_at || Math.max(runClock(run), ...run.steps.map((s) => s.finished_at || 0));
   const span = Math.max(1, (end || 0) - (start || 0));
   const steps = el("table", { class: "steps-table", "data-testid": "steps" },
     el("thead", {}, el("tr", {}, ...["#", "Step", "Status", "Attempt", "Duration", "Items",
       `Timeline (0 – ${formatMs(span)})`].map((h) => el("th", { text: h })))));
   const body = el("tbody");
-  for (const step of run.steps) body.append(stepRow(step, start, span));
+  for (const step of run.steps) body.append(stepRow(run, step, start, span));
   steps.append(body);
   const facts = el("dl", { class: "facts" },
     el("dt", { text: "run id" }), el("dd", { text: run.pipeline_id }),
@@ -277,16 +318,16 @@ function detailsRow(run) {
     el("td", { colspan: "8" }, steps, facts));
 }
 
-function stepRow(step, start, span) {
+function stepRow(run, step, start, span) {
   const row = el("tr", { class: "step", "data-testid": "step", "data-step-index": step.index,
       "data-status": step.status },
     el("td", { class: "num", text: step.index + 1 }),
     el("td", { "data-testid": "step-name", text: step.name }),
     el("td", {}, badge(step.status, "step-status")),
-    el("td", { class: "num", text: step.attempt || "" }),
-    el("td", { class: "num", text: formatMs(stepDuration(step)) }),
+    el("td", { class: "num", "data-testid": "step-attempt", text: step.attempt || "" }),
+    el("td", { class: "num", "data-testid": "step-duration", text: formatMs(stepDuration(run, step)) }),
     el("td", {}, step.total === null || step.total === undefined ? "" : progressBar(step)),
-    el("td", { class: "timeline" }, timelineBar(step, start, span)));
+    el("td", { class: "timeline" }, timelineBar(run, step, start, span)));
   if (step.error) {
     row.title = step.error;
     row.children[1].append(el("div", { class: "step-error", text: step.error }));
@@ -306,10 +347,10 @@ function progressBar(step) {
     el("span", { class: "bar" }, fill), el("span", { class: "label", text: `${done}/${total}` }));
 }
 
-function timelineBar(step, start, span) {
+function timelineBar(run, step, start, span) {
   const track = el("div", { class: "track" });
   if (!step.started_at || !start) return track;
-  const end = step.finished_at || Date.now();
+  const end = step.finished_at || runClock(run);
   const bar = el("span", { class: `tbar s-${step.status}`, "data-testid": "timeline-bar",
     title: `${step.name}: +${formatMs(step.started_at - start)}, ${formatMs(end - step.started_at)}` });
   bar.style.left = `${clampPct((step.started_at - start) / span)}%`;
@@ -346,8 +387,11 @@ function renderSummary() {
 }
 
 const clampPct = (x) => Math.max(0, Math.min(100, 100 * x));
-const runDuration = (run) => run.duration_ms ?? (run.started_at ? Date.now() - run.started_at : null);
-const stepDuration = (s) => s.duration_ms ?? (s.started_at && s.status === "RUNNING" ? Date.now() - s.started_at : null);
+// The clock of a run: it stops when the run ends (a step left running in a LOST run too).
+const runClock = (run) => (isTerminal(run) ? run.finished_at : Date.now());
+const runDuration = (run) => run.duration_ms ?? (run.started_at ? runClock(run) - run.started_at : null);
+const stepDuration = (run, s) =>
+  s.duration_ms ?? (s.started_at && s.status === "RUNNING" ? runClock(run) - s.started_at : null);
 const isoOf = (t) => (t ? new Date(t).toISOString() : "");
 const clockOf = (t) => (t ? new Date(t).toLocaleTimeString([], { hour12: false }) : "");
 
@@ -383,6 +427,7 @@ function setState(state, detail) {
 function apiFetch(path) {
   const headers = token ? { Authorization: `Bearer ${token}` } : {};
   return fetch(new URL(path, location.href), { headers, cache: "no-store" }).then((r) => {
+    if (r.status === 401) refused();
     if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
     return r.json();
   });
@@ -394,14 +439,16 @@ function wsUrl() {
   const url = new URL("ws/*", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   if (conn.lastId) url.searchParams.set("since", conn.lastId);
+  if (token && !tokenAsSubprotocol) url.searchParams.set("token", token);
   return url.href;
 }
 
 function connect() {
   conn.reconnectTimer = 0;
+  if (conn.refused) return;
   let ws;
   try {
-    ws = token ? new WebSocket(wsUrl(), ["bearer", token]) : new WebSocket(wsUrl());
+    ws = tokenAsSubprotocol ? new WebSocket(wsUrl(), ["bearer", token]) : new WebSocket(wsUrl());
   } catch (err) {
     socketDown(`cannot open a WebSocket: ${err.message}`);
     return;
@@ -411,6 +458,10 @@ function connect() {
   ws.onclose = (e) => {
     if (conn.ws !== ws) return;
     conn.ws = null;
+    if (e.code === 1008) {
+      refused(); // the token: trying again would only count one more rejection
+      return;
+    }
     // Keep the reason the live socket closed with while later attempts fail.
     if (!conn.closedWith || e.code !== 1006) {
       conn.closedWith = `closed ${e.code}${e.reason ? ` (${e.reason})` : ""}`;
@@ -435,7 +486,7 @@ function onMessage(data) {
   } else if (msg.type === "snapshot" && msg.pipeline) {
     mergeState(msg.pipeline);
   } else if (msg.type === "error" && msg.code === "history_truncated") {
-    resync();
+    resync(true); // e.g. the gateway restarted: what it no longer knows is gone
   }
 }
 
@@ -444,16 +495,23 @@ function wentLive() {
   conn.closedWith = "";
   stopPolling();
   setState("live", "events over /ws/*");
-  if (conn.lastId === null) resync();
+  if (conn.lastId === null) resync(true); // nothing to resume from: take the gateway's list
 }
 
 // Fetch every run's state while holding the socket's events, then replay those on top:
-// nothing that happened between the fetch and the first live event is missed.
-async function resync() {
+// nothing that happened between the fetch and the first live event is missed. With
+// `replace`, runs the gateway does not list are dropped: the list becomes the gateway's.
+async function resync(replace = false) {
   if (conn.buffer) return;
   conn.buffer = [];
   try {
-    (await fetchRuns()).forEach(mergeState);
+    const list = await fetchRuns();
+    if (replace) {
+      const listed = new Set(list.map((state) => state.pipeline_id));
+      for (const id of [...runs.keys()]) if (!listed.has(id)) drop(id);
+      scheduleRender();
+    }
+    list.forEach(mergeState);
   } catch {
     // the socket's events still arrive; the next poll or resync catches up
   } finally {
@@ -464,6 +522,7 @@ async function resync() {
 }
 
 function socketDown(detail) {
+  if (conn.refused) return;
   const wait = RECONNECT_MS[Math.min(conn.attempt, RECONNECT_MS.length - 1)];
   conn.attempt += 1;
   const state = document.getElementById("connection").dataset.state;
@@ -476,7 +535,7 @@ function socketDown(detail) {
 }
 
 function startPolling() {
-  if (conn.pollTimer) return;
+  if (conn.pollTimer || conn.refused) return;
   conn.pollTimer = setInterval(poll, POLL_MS);
   poll();
 }
@@ -497,6 +556,18 @@ async function poll() {
   }
 }
 
+// The gateway refused the token (HTTP 401, close 1008): say so, and stop asking.
+function refused() {
+  conn.refused = true;
+  stopPolling();
+  clearTimeout(conn.reconnectTimer);
+  conn.reconnectTimer = 0;
+  const hint = `${token ? "this gateway refused the token" : "this gateway needs a token"}: `
+    + `open ${location.pathname}?token=… (the token URL-encoded)`;
+  setState("unauthorized", hint);
+  document.getElementById("empty").textContent = hint;
+}
+
 async function start() {
   setState("connecting", "loading recent runs");
   const [config, list] = await Promise.allSettled([apiFetch("api/config"), fetchRuns()]);
@@ -505,6 +576,11 @@ async function start() {
   }
   if (list.status === "fulfilled") list.value.forEach(mergeState);
   render();
+  document.getElementById("runs").addEventListener("click", onRunsClick);
+  addEventListener("pointerdown", () => { pressed = true; }, true);
+  for (const type of ["pointerup", "pointercancel"]) {
+    addEventListener(type, () => { pressed = false; scheduleRender(); }, true);
+  }
   connect();
   // Durations and timelines of running runs move with the clock.
   setInterval(() => {
