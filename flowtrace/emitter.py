@@ -43,6 +43,8 @@ class Emitter:
                  max_payload_bytes: int, redact: Callable[[Any], Any] | None) -> None:
         self.transport = transport
         self.hooks = hooks
+        if hooks is not None:
+            hooks.note_emitter()  # so it can tell when a gateway feeds it this process's events too
         self.capture_payloads = capture_payloads
         self.max_payload_bytes = max_payload_bytes
         self.redact = redact

@@ -2,8 +2,9 @@
 
 A hook never fails, blocks or slows the task it observes: each hook has its own
 bounded queue drained by its own worker (async hooks on the event loop, sync
-hooks on a dedicated thread), errors are logged and counted, and what overflows
-a backlog is counted as dropped.
+hooks on a daemon thread of their own), errors are logged and counted, and what
+overflows a backlog is counted as dropped. A hook is offered only the events it has
+a method for, so those it has none for never crowd its backlog.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import queue
+import threading
 from collections import deque
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from flowtrace import metrics
 from flowtrace.events import (
@@ -33,6 +35,10 @@ from flowtrace.events import (
     trusted_event,
 )
 
+if TYPE_CHECKING:
+    from flowtrace.websocket.bridge import WebSocketBridgeHook
+    from flowtrace.websocket.manager import FastAPIWebSocketManager
+
 logger = logging.getLogger("flowtrace.hooks")
 _get_running_loop = asyncio.get_running_loop
 
@@ -47,20 +53,32 @@ HOOK_METHODS: dict[str, str] = {
 }
 
 WILDCARD = "*"
+ON_EVENT = "on_event"
 _BATCH = 4096
 """Events a hook's worker takes at once. A run of sync calls is one thread hop, and the hook's
 thread waits for the GIL (up to the 5 ms switch interval while the loop is busy): with 256 a
 trivial sync hook fell behind a worker doing 10 000 tasks/s and lost events to its backlog."""
 
 
-@dataclass
+def _names(value: str | Iterable[str]) -> list[str]:
+    """A list of names; one given as a string is a list of one, not of its letters."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass(init=False)
 class EventFilter:
-    """Passes an event whose pipeline id AND type each match one of the lists (``*`` = any)."""
+    """Passes an event whose pipeline id AND type each match one of the lists (``*`` = any).
 
-    pipeline_ids: list[str] = field(default_factory=lambda: [WILDCARD])
-    event_types: list[str] = field(default_factory=lambda: [WILDCARD])
+    Each list may be given as any iterable of strings, or one string.
+    """
 
-    def __post_init__(self) -> None:
+    pipeline_ids: list[str]
+    event_types: list[str]
+
+    def __init__(self, pipeline_ids: str | Iterable[str] = (WILDCARD,),
+                 event_types: str | Iterable[str] = (WILDCARD,)) -> None:
+        self.pipeline_ids = _names(pipeline_ids)
+        self.event_types = _names(event_types)
         self._any_id = WILDCARD in self.pipeline_ids
         self._any_type = WILDCARD in self.event_types
         self._ids = frozenset(self.pipeline_ids)
@@ -83,12 +101,84 @@ Offered = BaseEvent | EventFields
 it. A backlog of field dicts is nothing the garbage collector tracks; one of models, taken
 by the worker in batches, made it collect 40 % more often on a busy worker."""
 
+_Call = tuple[str, Any, bool]
+"""``(method name, bound method, is_async)``."""
+_SyncCall = tuple[str, Any, BaseEvent]
+_Returned = list[tuple[str, Awaitable[Any]]] | None
+"""What sync calls returned that must still be awaited (on the loop), if any."""
+
+
+def _type_name(event: Offered) -> str:
+    """An event's ``type`` (a bare :class:`BaseEvent` has none: its class name)."""
+    name: str = event["type"] if isinstance(event, dict) else getattr(
+        event, "type", type(event).__name__)
+    return name
+
+
+def _class_type(event_class: type[BaseEvent]) -> str:
+    """The ``type`` every event of ``event_class`` has (a subclass keeps its base's)."""
+    field = event_class.model_fields.get("type")
+    default = field.default if field is not None else None
+    return default if isinstance(default, str) else event_class.__name__
+
+
+def _is_async(method: Any) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(method) or inspect.iscoroutinefunction(
+        type(method).__call__)
+
+
+def _resolve(future: asyncio.Future[_Returned], returned: _Returned) -> None:
+    if not future.done():  # its waiter was cancelled
+        future.set_result(returned)
+
+
+class _HookThread:
+    """A sync hook's own thread: runs the calls of one batch at a time for its worker.
+
+    A daemon thread, unlike a ThreadPoolExecutor's (those are joined at interpreter exit): a
+    hook call that never returns cannot keep the process alive once its event loop ended.
+    """
+
+    def __init__(self, name: str, run: Callable[[list[_SyncCall]], _Returned]) -> None:
+        self._run = run
+        self._batches: queue.SimpleQueue[
+            tuple[list[_SyncCall], asyncio.Future[_Returned]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # so no batch is queued after the stop mark
+        self._stopped = False
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def run(self, calls: list[_SyncCall]) -> asyncio.Future[_Returned]:
+        """Resolved on the running loop once every call returned (at once if stopped)."""
+        future: asyncio.Future[_Returned] = _get_running_loop().create_future()
+        with self._lock:
+            if self._stopped:
+                future.set_result(None)
+            else:
+                self._batches.put((calls, future))
+        return future
+
+    def stop(self) -> None:
+        """End the thread after the batch in progress, if any (callable from any thread)."""
+        with self._lock:
+            self._stopped = True
+            self._batches.put(None)
+
+    def _serve(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            calls, future = batch
+            returned = self._run(calls)
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                future.get_loop().call_soon_threadsafe(_resolve, future, returned)
+
 
 class _Subscription:
     """One hook object with its filter, backlog and worker.
 
     The backlog is a plain deque: offering an event is an append, and the worker
-    is woken (one future) only when it waits for an empty backlog.
+    is woken (one future) only when it waits for an empty backlog. The hook's methods
+    are looked up once, here: ``types`` is ``None`` when it takes every event
+    (``on_event``), else the types it has a method for, the only ones offered to it.
     """
 
     def __init__(self, hook: Any, event_filter: EventFilter | None, backlog: int) -> None:
@@ -101,10 +191,23 @@ class _Subscription:
         self.stopped = False  # removed: never called again, the worker and thread end
         self.worker: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.executor: ThreadPoolExecutor | None = None
+        self.thread: _HookThread | None = None
         self._wakeup: asyncio.Future[None] | None = None
         self._idle: asyncio.Event | None = None
-        self._method_cache: dict[type[BaseEvent], list[tuple[str, Any, bool]]] = {}
+        self._method_cache: dict[type[BaseEvent], list[_Call]] = {
+            cls: self._lookup(name) for name, cls in EVENT_CLASSES.items()}
+        self._wanted = frozenset(name for name, cls in EVENT_CLASSES.items()
+                                 if self._method_cache[cls])
+        self.types = None if getattr(hook, ON_EVENT, None) is not None else self._wanted
+        # What an event must pass to be offered (None: nothing), one call at most per event.
+        self.check: Callable[[Offered], bool] | None = (
+            self._wants if self.types is not None
+            else event_filter.matches if event_filter is not None else None)
+
+    def _wants(self, event: Offered) -> bool:
+        """A type it has a method for, passing its filter if any."""
+        return _type_name(event) in self._wanted and (self.filter is None
+                                                      or self.filter.matches(event))
 
     def offer(self, event: Offered, loop: asyncio.AbstractEventLoop) -> bool:
         """Queue ``event`` (False when the backlog is full)."""
@@ -163,21 +266,24 @@ class _Subscription:
             idle.clear()
             await idle.wait()
 
-    def _methods(self, event_class: type[BaseEvent]) -> list[tuple[str, Any, bool]]:
-        """``(name, bound method, is_async)`` to call for ``event_class``, looked up once."""
+    def _lookup(self, event_type: str) -> list[_Call]:
+        found: list[_Call] = []
+        for name in (HOOK_METHODS.get(event_type), ON_EVENT):
+            method = getattr(self.hook, name, None) if name else None
+            if method is not None:
+                found.append((name or "", method, _is_async(method)))
+        return found
+
+    def _methods(self, event_class: type[BaseEvent]) -> list[_Call]:
+        """What to call for ``event_class`` (one of the user's, say), looked up once."""
         found = self._method_cache.get(event_class)
         if found is None:
-            found = []
-            for name in (HOOK_METHODS.get(event_class.__name__), "on_event"):
-                method = getattr(self.hook, name, None) if name else None
-                if method is not None:
-                    found.append((name or "", method, inspect.iscoroutinefunction(method)))
-            self._method_cache[event_class] = found
+            found = self._method_cache[event_class] = self._lookup(_class_type(event_class))
         return found
 
     async def _deliver(self, batch: list[Offered]) -> None:
         """Call the hook for each event in order; runs of sync calls share one thread hop."""
-        sync_calls: list[tuple[str, Any, BaseEvent]] = []
+        sync_calls: list[_SyncCall] = []
         cache = self._method_cache
         for item in batch:
             if self.stopped:
@@ -208,22 +314,34 @@ class _Subscription:
         logger.exception("flowtrace hook %s.%s raised", self.name, method_name)
         metrics.count_hook_error(self.name)
 
-    async def _run_sync(self, calls: list[tuple[str, Any, BaseEvent]]) -> None:
-        """Sync hooks run on their own thread so a slow one never stalls the event loop."""
+    async def _run_sync(self, calls: list[_SyncCall]) -> None:
+        """Sync hooks run on their own thread so a slow one never stalls the event loop;
+        an awaitable one returns (an async callable it did not look like) is awaited here."""
         if self.stopped:
             return
-        if self.executor is None:
-            self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"flowtrace-hook-{self.name}")
-        await asyncio.get_running_loop().run_in_executor(self.executor, self._call_all, calls)
-
-    def _call_all(self, calls: list[tuple[str, Any, BaseEvent]]) -> None:
-        for name, method, event in calls:
-            if self.stopped:
-                return
+        thread = self.thread
+        if thread is None:
+            thread = self.thread = _HookThread(f"flowtrace-hook-{self.name}", self._call_all)
+        for name, awaitable in await thread.run(calls) or ():
             try:
-                method(event)
+                await awaitable
             except Exception:  # noqa: BLE001 - logged and counted by _failed
                 self._failed(name)
+
+    def _call_all(self, calls: list[_SyncCall]) -> _Returned:
+        returned: _Returned = None
+        for name, method, event in calls:
+            if self.stopped:
+                break
+            try:
+                result = method(event)
+            except BaseException:  # noqa: BLE001 - even a hook's sys.exit() must not end its thread
+                self._failed(name)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                returned = returned or []
+                returned.append((name, result))
+        return returned
 
     @property
     def queued(self) -> int:
@@ -237,10 +355,7 @@ class _Subscription:
         """
         self.stopped = True
         self.pending.clear()
-        if self.executor is not None:
-            # Its thread ends once the call in progress, if any, returns.
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = None
+        self._stop_thread()
         worker = self.worker
         if worker is None or worker.done():
             return
@@ -254,6 +369,12 @@ class _Subscription:
         else:
             with contextlib.suppress(RuntimeError):  # its loop is closed: so is the worker
                 loop.call_soon_threadsafe(self._wake)
+
+    def _stop_thread(self) -> None:
+        """Its thread ends once the call in progress, if any, returns."""
+        thread, self.thread = self.thread, None
+        if thread is not None:
+            thread.stop()
 
     def _wake(self) -> None:
         wakeup, self._wakeup = self._wakeup, None
@@ -270,9 +391,7 @@ class _Subscription:
             with contextlib.suppress(asyncio.CancelledError, RuntimeError):
                 await self.worker
             self.worker = None
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = None
+        self._stop_thread()
 
 
 class HookManager:
@@ -287,9 +406,20 @@ class HookManager:
         self._subscriptions: list[_Subscription] = []
         self._filters: list[EventFilter] = []
         self.dropped = 0
+        self._feeds = 0  # instrument() and create_app() calls given this manager
+        self._emitters = 0  # of them, instrument()'s
+        self._feeds_checked = False
 
     def add_hook(self, hook: Any, filter: EventFilter | None = None) -> None:
-        self._subscriptions.append(_Subscription(hook, filter, self.backlog))
+        """Give ``hook`` the events (passing ``filter``) it has a method for.
+
+        Its methods are looked up now; one with none known is logged: it would never be called.
+        """
+        subscription = _Subscription(hook, filter, self.backlog)
+        if subscription.types == frozenset():
+            logger.warning("flowtrace: hook %r has none of the methods %s: it is never called",
+                           hook, ", ".join([*HOOK_METHODS.values(), ON_EVENT]))
+        self._subscriptions.append(subscription)
 
     def remove_hook(self, hook: Any) -> None:
         """Once this returns ``hook`` is called no more (a call in progress may finish);
@@ -322,8 +452,9 @@ class HookManager:
             self._drop(metrics.DROP_NO_EVENT_LOOP)
             return
         for subscription in subscriptions:
-            wanted = subscription.filter is None or subscription.filter.matches(event)
-            if wanted and not subscription.offer(event, loop):
+            # An event a hook has no method for is not offered (so never dropped) either.
+            check = subscription.check
+            if (check is None or check(event)) and not subscription.offer(event, loop):
                 self._drop(metrics.DROP_HOOK_BACKLOG)
 
     def _passes_filters(self, event: Offered) -> bool:
@@ -332,8 +463,32 @@ class HookManager:
         return all(event_filter.matches(event) for event_filter in self._filters)
 
     async def dispatch(self, event: BaseEvent) -> None:
-        """Awaitable form of :meth:`emit_nowait` (it does not wait for the hooks)."""
+        """Awaitable form of :meth:`emit_nowait` (it does not wait for the hooks).
+
+        The gateway's way in (``create_app(hooks=...)``).
+        """
+        if not self._feeds_checked:
+            self._check_feeds()
         self.emit_nowait(event)
+
+    def note_emitter(self) -> None:
+        """Called by each middleware that emits into this manager (``instrument(hooks=...)``)."""
+        self._emitters += 1
+
+    def _check_feeds(self) -> None:
+        """Warn (once) when this manager gets both the events of this process's middleware and
+        a gateway's, which are everyone's: each local event would reach its hooks twice.
+
+        Only warned: telling the copies apart would cost every event, and the gateway's
+        feed is the whole fleet's, so neither can be dropped.
+        """
+        self._feeds_checked = True
+        if self._emitters and self._feeds > self._emitters:
+            logger.warning(
+                "flowtrace: this HookManager was given to instrument() and to create_app() in "
+                "one process: if that gateway consumes this process's events, its hooks get "
+                "each of them twice. Give create_app() its own HookManager (it sees every "
+                "process's events).")
 
     async def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (up to ``timeout`` per hook), then stop the workers."""
@@ -344,17 +499,26 @@ class HookManager:
         metrics.count_drop(reason)
 
 
-def setup_websocket_bridge(hook_manager: HookManager, manager: Any = None) -> Any:
-    """Forward every event of ``hook_manager`` to a WebSocket manager (single process)."""
+def setup_websocket_bridge(hook_manager: HookManager,
+                           manager: FastAPIWebSocketManager | None = None, *,
+                           use_fastapi: bool = True) -> WebSocketBridgeHook:
+    """Forward every event of ``hook_manager`` to a WebSocket manager (single process).
+
+    ``use_fastapi`` is accepted for the reference's calls and ignored: flowtrace's WebSocket
+    manager is always FastAPI's.
+    """
     from flowtrace.websocket.bridge import setup_websocket_bridge as bridge
 
     return bridge(hook_manager, manager)
 
 
 def hooks_of(objects: Iterable[Any] | HookManager | None) -> HookManager | None:
-    """Accept a HookManager, a list of hook objects, or None."""
-    if objects is None or isinstance(objects, HookManager):
+    """Accept a HookManager, hook objects (any iterable), or None."""
+    if isinstance(objects, HookManager):
+        objects._feeds += 1
         return objects
+    if objects is None:
+        return None
     manager = HookManager()
     for hook in objects:
         manager.add_hook(hook)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
@@ -22,7 +22,7 @@ logger = logging.getLogger("flowtrace")
 def instrument(
     broker: AsyncBroker,
     redis_url: str | None = None,
-    hooks: HookManager | list[Any] | None = None,
+    hooks: HookManager | Iterable[Any] | None = None,
     service_name: str | None = None,
     capture_payloads: bool = True,
     max_payload_bytes: int = 1024,

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime, timezone
 from typing import Any, TypeAlias, TypeVar
 
@@ -244,7 +244,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
 
     def __init__(
         self,
-        hooks: HookManager | list[Any] | None = None,
+        hooks: HookManager | Iterable[Any] | None = None,
         transport: Transport | None = None,
         service_name: str | None = None,
         capture_payloads: bool = True,
