@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -53,12 +53,16 @@ def create_app(transport: Transport | None = None, *, max_connections: int = 100
                max_runs: int = 10_000, send_queue_size: int = 1000,
                max_message_bytes: int = 4096, max_subscriptions: int = 100,
                max_bad_frames: int = 10, trace_url: str | None = None,
-               static_dir: str | Path | None = None) -> FastAPI:
+               static_dir: str | Path | None = None,
+               lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None = None,
+               ) -> FastAPI:
     """Build the gateway app around ``transport`` (default: a new in-memory one).
 
     A transport passed in belongs to the caller, who closes it; one created here is
     closed on shutdown. ``hooks`` (a HookManager or hook objects) see every event the
-    gateway consumes, i.e. the whole fleet's.
+    gateway consumes, i.e. the whole fleet's. ``lifespan`` is the application's own (as
+    ``FastAPI(lifespan=...)`` takes it: start a broker, say): it runs inside the gateway's,
+    so the gateway is up before it starts and still up until it has finished.
     """
     owns_transport = transport is None
     if transport is None:
@@ -76,10 +80,14 @@ def create_app(transport: Transport | None = None, *, max_connections: int = 100
                       stale_after=stale_after)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def gateway_lifespan(app: FastAPI) -> AsyncIterator[Any]:
         await gateway.start()
         try:
-            yield
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app) as state:
+                    yield state
         finally:
             await close_clients(manager)
             await gateway.stop()
@@ -88,7 +96,7 @@ def create_app(transport: Transport | None = None, *, max_connections: int = 100
             if owns_transport:
                 await transport.close()
 
-    app = FastAPI(title="flowtrace", version=_version(), lifespan=lifespan)
+    app = FastAPI(title="flowtrace", version=_version(), lifespan=gateway_lifespan)
     app.state.flowtrace_manager = manager
     app.state.flowtrace_gateway = gateway
     app.state.flowtrace_store = store

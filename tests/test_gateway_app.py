@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from flowtrace.app import create_app
 from flowtrace.events import (
@@ -382,3 +382,29 @@ async def test_gateway_survives_a_failing_subscription_and_resumes_from_last_id(
         await gateway.stop()
         await transport.close()
     assert not gateway.running
+
+
+async def test_an_apps_own_lifespan_runs_inside_the_gateways(
+        transport: InMemoryTransport) -> None:
+    """``create_app(lifespan=...)``: the application's start-up (its broker, say) runs
+    after the gateway started, its shutdown before the gateway stops, and its state
+    reaches requests."""
+    seen: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def own(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        seen.append(f"start, gateway running: {app.state.flowtrace_gateway.running}")
+        yield {"greeting": "hello"}
+        seen.append(f"stop, gateway running: {app.state.flowtrace_gateway.running}")
+
+    app = create_app(transport, lifespan=own)
+
+    @app.get("/greeting")
+    async def greeting(request: Request) -> str:
+        return str(request.state.greeting)
+
+    async with serve(app) as served:
+        assert (await served.get("/greeting")).json() == "hello"
+        await publish(transport, run_events("own-1", t=0.0))
+        await async_wait_until(lambda: _equals(served.status_of("own-1"), "COMPLETED"))
+    assert seen == ["start, gateway running: True", "stop, gateway running: True"]
