@@ -59,6 +59,9 @@ class StepState(BaseModel):
     duration_ms: float | None = None
     done: int | None = None
     total: int | None = None
+    error: str | None = None
+    """The last attempt's error while the step has not completed (beyond SPEC §6: the page
+    shows it after a reload)."""
 
 
 class RunBookkeeping:
@@ -94,6 +97,8 @@ class RunState(BaseModel):
     total_steps: int | None = None
     error: str | None = None
     steps: list[StepState] = []
+    result: Any = None
+    """The completed run's result preview (beyond SPEC §6: the page shows it after a reload)."""
 
     # The store's bookkeeping, in a slot of its own rather than pydantic private attributes:
     # pydantic inspects a private attribute's default factory for every instance and reads
@@ -221,6 +226,7 @@ class RunStore:
         elif isinstance(event, StepErrorEvent):
             self._on_step_error(run, event)
         elif isinstance(event, PipelineCompleteEvent):
+            run.result = event.result
             self._finish(run, "COMPLETED", event.timestamp, event.duration_ms, None)
         elif isinstance(event, PipelineErrorEvent):
             self._on_pipeline_error(run, event)
@@ -296,8 +302,10 @@ class RunStore:
 
     def _on_step_complete(self, run: RunState, event: StepCompleteEvent) -> None:
         self._end_step(run, event, "COMPLETED", "completed")
+        run.step(event.step_index).error = None
 
     def _on_step_error(self, run: RunState, event: StepErrorEvent) -> None:
+        run.step(event.step_index, event.step_name).error = event.error
         if event.will_retry:
             self._end_step(run, event, "RETRYING", "retried")
         else:

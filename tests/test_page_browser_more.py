@@ -26,8 +26,10 @@ from flowtrace.app import STATIC_DIR, create_app
 from flowtrace.events import (
     BaseEvent,
     PipelineCompleteEvent,
+    PipelineErrorEvent,
     PipelineStartEvent,
     StepCompleteEvent,
+    StepErrorEvent,
     StepStartEvent,
 )
 from flowtrace.transport.memory import InMemoryTransport
@@ -284,3 +286,26 @@ def test_page_and_static_files_are_revalidated_after_an_upgrade(
     again = httpx.get(served.server.url + "/static/app.js", headers={"If-None-Match": etag},
                       timeout=10)
     assert (again.status_code, again.headers["cache-control"]) == (304, "no-cache")
+
+
+def test_results_and_step_errors_show_on_a_fresh_load(
+        gateway: GatewayFactory, new_page: Callable[..., Page]) -> None:
+    """What only events used to carry (the run's result, a failed step's error) is in the
+    run state too, so a page opened after the runs ended shows them."""
+    served = gateway()
+    ids: dict[str, Any] = {"pipeline_id": "done", "pipeline_name": "etl"}
+    served.publish(*completed("done")[:-1],
+                   PipelineCompleteEvent(**ids, duration_ms=7.0, result={"rows": 42}))
+    ids = {"pipeline_id": "broken", "pipeline_name": "etl"}
+    served.publish(*running("broken", ("extract",)),
+                   StepErrorEvent(**ids, step_name="extract", task_id="broken-0",
+                                  error="ValueError: bad row", error_type="ValueError",
+                                  duration_ms=3.0),
+                   PipelineErrorEvent(**ids, error="ValueError: bad row",
+                                      error_type="ValueError", failed_step="extract",
+                                      failed_step_index=0, duration_ms=4.0))
+    page = new_page(served.page_url())
+    expect(row(page, "done").get_by_test_id("run-result")).to_have_text('{"rows":42}')
+    broken = row(page, "broken")
+    broken.get_by_test_id("run-toggle").press("Enter")
+    expect(broken.locator("[data-testid=step] .step-error")).to_have_text("ValueError: bad row")

@@ -54,7 +54,7 @@ function fromRest(state) {
     pipeline_type: state.pipeline_type, status: state.status,
     started_at: ms(state.started_at), finished_at: ms(state.finished_at),
     duration_ms: state.duration_ms, trace_id: state.trace_id, total_steps: state.total_steps,
-    error: state.error, result: undefined,
+    error: state.error, result: state.status === "COMPLETED" ? state.result : undefined,
     steps: (state.steps || []).map((s) => ({ ...newStep(s.index, s.name), ...s,
       started_at: ms(s.started_at), finished_at: ms(s.finished_at) })),
   };
@@ -69,7 +69,7 @@ function mergeState(state) {
   if (local && isTerminal(local)) return;
   const run = fromRest(state);
   if (local) {
-    run.result = local.result;
+    if (run.result === undefined) run.result = local.result;
     for (const step of run.steps) {
       const old = local.steps[step.index];
       if (old && old.error && step.status !== "COMPLETED") step.error = old.error;
