@@ -367,10 +367,12 @@ def test_run_state_serializes_as_the_spec_says(store: RunStore) -> None:
     store.apply(start())
     store.apply(step_start(0, "extract"))
     data = the_run(store).model_dump(mode="json")
+    # SPEC §6's fields, and one beyond it each (what the page shows after a reload).
     assert set(data) == {"pipeline_id", "pipeline_name", "pipeline_type", "status", "started_at",
-                         "finished_at", "duration_ms", "trace_id", "total_steps", "error", "steps"}
+                         "finished_at", "duration_ms", "trace_id", "total_steps", "error", "steps",
+                         "result"}
     assert set(data["steps"][0]) == {"index", "name", "status", "attempt", "started_at",
-                                     "finished_at", "duration_ms", "done", "total"}
+                                     "finished_at", "duration_ms", "done", "total", "error"}
     assert data["started_at"] == "2025-01-01T12:00:00Z"
     assert data["steps"][0]["status"] == "RUNNING"
 
@@ -396,3 +398,18 @@ def test_gauge_follows_a_name_learned_late(store: RunStore, metrics: Metrics) ->
     store.apply(complete())
     assert (metrics.in_progress(""), metrics.in_progress()) == (0, 0)
     assert metrics.runs("completed") == 1
+
+
+def test_run_state_keeps_the_result_and_a_steps_last_error(store: RunStore) -> None:
+    store.apply(start())
+    store.apply(step_start(0, "extract"))
+    store.apply(StepErrorEvent(pipeline_id="r1", pipeline_name="etl", step_name="extract",
+                               error="ConnectionError: try again", error_type="ConnectionError",
+                               will_retry=True, duration_ms=1.0))
+    assert the_run(store).steps[0].error == "ConnectionError: try again"
+    store.apply(StepCompleteEvent(pipeline_id="r1", pipeline_name="etl", step_name="extract",
+                                  attempt=2, result=[1, 2], duration_ms=1.0))
+    assert the_run(store).steps[0].error is None
+    store.apply(PipelineCompleteEvent(pipeline_id="r1", pipeline_name="etl", duration_ms=3.0,
+                                      result={"rows": 2}))
+    assert the_run(store).result == {"rows": 2}
