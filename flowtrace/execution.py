@@ -73,6 +73,8 @@ class Execution:
     """Undoes making this execution current (see ``FlowtraceMiddleware._leave``)."""
     span_token: Any = None
     """Undoes making its span current (``tracing.current.restore_current``)."""
+    owner: Any = None
+    """The middleware that began it (``FlowtraceMiddleware``; untyped: no import cycle)."""
 
     def __init__(self, message: TaskiqMessage, run: RunContext, role: Role, step_index: int,
                  step_name: str, attempt: int, steps: list[StepInfo] | None,

@@ -219,8 +219,12 @@ class _SaveFailureCapture(logging.Filter):
         if (exc_info and isinstance(exc_info[1], Exception)
                 and str(record.msg).startswith(_SAVE_FAILED_MESSAGE)):
             execution = current_execution.get()
-            if execution is not None and execution.abort_error is None:
-                execution.abort_error = exc_info[1]
+            if execution is not None and execution.owner is not None:
+                if execution.abort_error is None:
+                    execution.abort_error = exc_info[1]
+                # flowtrace's post_save will not run: report the stored result instead.
+                asyncio.get_running_loop().call_soon(execution.owner.post_save_skipped,
+                                                      execution)
         return True
 
 
@@ -269,8 +273,6 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self._chain_length = 0
         self._retry_middleware: TaskiqMiddleware | None = None
         """The first middleware that may retry a failed task (taskiq's Simple/SmartRetry)."""
-        self._post_save_may_raise = False
-        """Whether a middleware whose ``post_save`` runs before flowtrace's is on the chain."""
         logging.getLogger(_PIPELINES_LOGGER).addFilter(_abort_capture)
         logging.getLogger(_RECEIVER_LOGGER).addFilter(_save_failure_capture)
 
@@ -295,9 +297,6 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         self._chain_length = len(chain)
         self._retry_middleware = next(
             (m for m in chain if getattr(m, "default_retry_label", None) is not None), None)
-        self._post_save_may_raise = any(
-            type(m).post_save is not TaskiqMiddleware.post_save
-            for m in chain if m is not self and m is not self._tail)
 
     def _keep_placement(self) -> None:
         """:meth:`ensure_placement` when the chain changed (users add middlewares any time)."""
@@ -324,8 +323,6 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             except Exception as exc:
                 await self._result_not_stored(task_id, exc)
                 raise
-            if self._post_save_may_raise and not result.is_err:
-                self._watch_post_save(task_id)
 
         set_result._flowtrace_wrapped = True  # type: ignore[attr-defined]
         backend.set_result = set_result  # type: ignore[method-assign]
@@ -554,6 +551,7 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         retries = labels.get("_retries")
         execution = Execution(message, run, role, step_index, step_name,
                               int(retries) + 1 if retries else 1, steps, now_wall, now_perf)
+        execution.owner = self
         if fan_out is not None:
             execution.fan_out = fan_out
         if started_here and (index in (None, 0)) and role is not ITEM:
@@ -1055,18 +1053,11 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         """The PipelineStartEvent span event, added by the process that ends the root span."""
         root.record_event("PipelineStartEvent", total_steps, run.started_ns)
 
-    def _watch_post_save(self, task_id: str) -> None:
-        """Report the stored result even if flowtrace's ``post_save`` never runs (another
-        middleware's raised first): once the message's asyncio task is over."""
-        execution = current_execution.get()
-        task = asyncio.current_task()
-        if execution is None or execution.task_id != task_id or task is None:
-            return
-        task.add_done_callback(lambda _: self._post_save_skipped(execution))
-
-    def _post_save_skipped(self, execution: Execution) -> None:
-        if execution.token is None or execution.phase is DONE or execution.role is ITEM:
-            return  # post_save ran (it leaves the execution), or nothing is left to report
+    def post_save_skipped(self, execution: Execution) -> None:
+        """Report what ``post_save`` would have: another middleware's ``post_save`` raised
+        after the result was stored, and taskiq skipped the rest (flowtrace's runs last)."""
+        if execution.token is None or execution.phase is not HANDOFF or execution.role is ITEM:
+            return  # left already, a failure (reported when it raised), or an item
         logger.warning("flowtrace: a middleware's post_save failed before flowtrace's ran; "
                        "reporting the stored result of %s", execution.task_id)
         execution.token = execution.span_token = None  # (their context is gone)
