@@ -87,6 +87,10 @@ plain task nothing of flowtrace is awaited at all.
 """
 
 
+_SHUTDOWN_WAIT_S = 4.0
+"""The longest a broker's shutdown waits for hooks and the span flush (they run at once):
+under taskiq's default ``--shutdown-timeout`` of 5 s, which cuts the whole shutdown off."""
+
 _HOOK_FAILED = "flowtrace: %s failed; the task is unaffected"
 """flowtrace must never fail the task it observes: every hook logs this and carries on."""
 
@@ -353,9 +357,10 @@ class FlowtraceMiddleware(TaskiqMiddleware):
         """
         waits: list[Awaitable[object]] = [self.transport.close()]
         if self.hooks is not None:
-            waits.append(self.hooks.close())
+            waits.append(self.hooks.close(_SHUTDOWN_WAIT_S))
         if self._sink is not None:
-            waits.append(asyncio.to_thread(flush_tracing, self._sink.provider, 4_000))
+            waits.append(asyncio.to_thread(flush_tracing, self._sink.provider,
+                                           int(_SHUTDOWN_WAIT_S * 1000)))
         for outcome in await asyncio.gather(*waits, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 logger.error("flowtrace: shutdown step failed: %r", outcome)

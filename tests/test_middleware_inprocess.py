@@ -34,11 +34,14 @@ WORKER_PREFIX = f"{socket.gethostname()}:"
 
 
 def build(order: str = "pipelines-first", retry: TaskiqMiddleware | None = None,
+          hooks_extra: object = None,
           **options: Any) -> tuple[InMemoryBroker, Collector, FlowtraceMiddleware]:
     broker = InMemoryBroker(max_stored_results=100_000)
     collector = Collector()
     hooks = HookManager()
     hooks.add_hook(collector)
+    if hooks_extra is not None:
+        hooks.add_hook(hooks_extra)
     retry = retry or SimpleRetryMiddleware(default_retry_count=3)
     if order == "pipelines-first":
         broker.add_middlewares(PipelineMiddleware(), retry)
@@ -741,3 +744,26 @@ async def test_metrics_port_serves_this_process_counters() -> None:
         await async_wait_until(exposed, message="hook errors on the metrics port")
     finally:
         await broker.shutdown()
+
+
+async def test_a_stuck_hook_does_not_cut_off_taskiqs_shutdown(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """taskiq's worker gives ``broker.shutdown()`` 5 s (``--shutdown-timeout``) and abandons
+    it after: flowtrace's wait for its hooks and span flush ends before, so the rest of the
+    shutdown (other middlewares, the result backend) still runs."""
+    from taskiq.cli.worker.run import shutdown_broker
+
+    release = asyncio.Event()
+
+    class Stuck:
+        async def on_event(self, event: Any) -> None:
+            await release.wait()  # e.g. an HTTP call with no timeout
+
+    broker, collector, _ = build(hooks_extra=Stuck())
+    await broker.startup()
+    kicked = await task(broker, "double").kiq(1)
+    await collector.wait_terminal(kicked.task_id)
+    with caplog.at_level("WARNING"):
+        await shutdown_broker(broker, 5)
+    release.set()
+    assert "cannot be completed" not in caplog.text
