@@ -106,7 +106,8 @@ def create_app(transport: Transport | None = None, *, max_connections: int = 100
     if token:
         app.add_middleware(ApiTokenGuard, token=token)
     app.include_router(router)
-    _add_routes(app, metrics, trace_url, Path(static_dir) if static_dir else STATIC_DIR)
+    _add_routes(app, gateway, metrics, trace_url,
+                Path(static_dir) if static_dir else STATIC_DIR)
     return app
 
 
@@ -115,8 +116,8 @@ async def close_clients(manager: FastAPIWebSocketManager, code: int = CLOSE_GOIN
     await manager.close_all(code)
 
 
-def _add_routes(app: FastAPI, metrics: GatewayMetrics, trace_url: str | None,
-                static_dir: Path) -> None:
+def _add_routes(app: FastAPI, gateway: Gateway, metrics: GatewayMetrics,
+                trace_url: str | None, static_dir: Path) -> None:
     page = static_dir / "index.html"
 
     @app.get("/metrics", include_in_schema=False)
@@ -126,6 +127,12 @@ def _add_routes(app: FastAPI, metrics: GatewayMetrics, trace_url: str | None,
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: 503 while the gateway cannot read its transport (liveness is /healthz)."""
+        health = gateway.health()
+        return JSONResponse(health, status_code=200 if gateway.transport_reachable else 503)
 
     @app.get("/api/config")
     async def config() -> dict[str, str]:

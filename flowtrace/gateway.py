@@ -68,7 +68,10 @@ class Gateway:
         self.sweep_interval = sweep_interval or min(store.stale_after / 4, MAX_SWEEP_INTERVAL)
         self.last_id: str | None = None
         self.events_consumed = 0
-        self.transport_reachable = True
+        self.unreachable_since: datetime | None = None
+        """Since when the transport has not answered (None: it does), as last found."""
+        self.read_failures = 0
+        """Reads of the transport that failed (a rebuild or subscription that raised)."""
         self._rebuilt = False
         self._read_error: type[Exception] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -76,6 +79,24 @@ class Gateway:
     @property
     def running(self) -> bool:
         return any(not task.done() for task in self._tasks)
+
+    @property
+    def transport_reachable(self) -> bool:
+        return self.unreachable_since is None
+
+    def health(self) -> dict[str, Any]:
+        """``/readyz``: whether the gateway hears its transport (a wrong password or a Redis
+        that never came up leaves it alive, ``/healthz``, but deaf)."""
+        since = self.unreachable_since
+        return {"transport": "reachable" if since is None else "unreachable",
+                "unreachable_since": since.isoformat() if since else None,
+                "read_failures": self.read_failures}
+
+    def _unreachable(self, error: str) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = utc_now()
+            logger.info("flowtrace gateway: LOST sweep paused: the transport is unreachable "
+                        "(%s)", error)
 
     async def start(self) -> None:
         """Rebuild the store from history, then consume and sweep in the background.
@@ -148,6 +169,8 @@ class Gateway:
             logger.warning("flowtrace gateway: cannot read the transport (%s); retrying "
                            "every %.0f s at most", describe(exc), MAX_BACKOFF)
         self._read_error = type(exc)
+        self.read_failures += 1
+        self._unreachable(describe(exc))
         logger.debug("flowtrace gateway: reading the transport after %s failed", self.last_id,
                      exc_info=exc)
 
@@ -187,13 +210,10 @@ class Gateway:
         """Whether the transport answers; after it did not, silence counts afresh."""
         error = await self._probe()
         if error is not None:
-            if self.transport_reachable:
-                logger.info("flowtrace gateway: LOST sweep paused: the transport is "
-                            "unreachable (%s)", error)
-            self.transport_reachable = False
+            self._unreachable(error)
             return False
-        if not self.transport_reachable:
-            self.transport_reachable = True
+        if self.unreachable_since is not None:
+            self.unreachable_since = None
             self.store.restart_silence(utc_now() + timedelta(seconds=RECONNECT_GRACE))
             logger.info("flowtrace gateway: LOST sweep resumed: every running run is given "
                         "%.0f s more", self.store.stale_after + RECONNECT_GRACE)

@@ -3,9 +3,9 @@ deafness (SPEC §3), and one log line per outage rather than a traceback per ret
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from flowtrace.events import (
@@ -54,6 +54,25 @@ async def status_is(gateway: GatewayProcess, pipeline_id: str, status: str) -> b
     return state is not None and state["status"] == status
 
 
+async def readiness(gateway: GatewayProcess) -> tuple[int, dict[str, Any]]:
+    response = await gateway.get("/readyz")
+    return response.status_code, response.json()
+
+
+async def deaf_for(gateway: GatewayProcess, seconds: float) -> bool:
+    """Whether ``/readyz`` says the transport has not answered for ``seconds``."""
+    status, body = await readiness(gateway)
+    since = body["unreachable_since"]
+    return status == 503 and since is not None and (
+        datetime.now(timezone.utc) - datetime.fromisoformat(since)).total_seconds() > seconds
+
+
+async def readiness_shows(gateway: GatewayProcess, read_failures: int) -> bool:
+    status, body = await readiness(gateway)
+    return (status, body["transport"]) == (503, "unreachable") and \
+        body["read_failures"] >= read_failures
+
+
 async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServer) -> None:
     alive, witness = f"alive-{uuid.uuid4().hex}", f"witness-{uuid.uuid4().hex}"
     started, ended = run_events(alive, "alive")
@@ -63,9 +82,10 @@ async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServe
                                message="the run under way")
 
         events_redis.kill()
-        # The outage: the run's worker is fine, but nobody hears it for twice stale_after,
-        # over several sweeps (every stale_after / 4).
-        await asyncio.sleep(2 * STALE_AFTER)
+        # The outage: the run's worker is fine, but the gateway hears nobody for twice
+        # stale_after, over several sweeps (every stale_after / 4).
+        await async_wait_until(lambda: deaf_for(gateway, 2 * STALE_AFTER), timeout=60,
+                               message="the gateway deaf for twice stale_after")
         events_redis.start()
         await publish(events_redis.url, ended)
         await async_wait_until(lambda: status_is(gateway, alive, "COMPLETED"), timeout=60,
@@ -77,6 +97,7 @@ async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServe
         await async_wait_until(lambda: status_is(gateway, witness, "LOST"), timeout=60,
                                message="the silent witness declared LOST")
 
+        assert (await readiness(gateway))[0] == 200
         stream = await stream_events(events_redis.url)
         lost = [e.pipeline_id for e in stream if isinstance(e, PipelineErrorEvent)]
         assert lost == [witness]
@@ -97,7 +118,8 @@ async def test_a_gateway_started_before_its_redis_says_so_once_and_catches_up() 
                                    message="the gateway to report the outage")
             # The rest of the outage: it retries with a backoff from 0.05 s, failing again
             # several times.
-            await asyncio.sleep(2.0)
+            await async_wait_until(lambda: readiness_shows(gateway, read_failures=3),
+                                   timeout=30, message="several failed reads")
             redis.start()
 
             run = f"after-{uuid.uuid4().hex}"
