@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ from flowtrace.events import PipelineCompleteEvent, PipelineErrorEvent, Pipeline
 from flowtrace.hooks import EventFilter, HookManager, setup_websocket_bridge
 from flowtrace.websocket import FastAPIWebSocketManager
 from flowtrace.websocket.bridge import WebSocketBridgeHook
+from tests.support.typecheck import strict_mypy
 from tests.support.waiting import async_wait_until
 
 HOOKS_LOGGER = "flowtrace.hooks"
@@ -222,12 +222,6 @@ reveal_type(setup_websocket_bridge(hooks, use_fastapi=True))
 
 @pytest.mark.timeout(180)
 def test_strict_mypy_accepts_the_forms_the_runtime_accepts(tmp_path: Path) -> None:
-    (tmp_path / "user_hooks.py").write_text(USER_CODE)
-    checked = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
-         "--cache-dir", str(tmp_path / "cache"), "user_hooks.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=170, check=False,
-    )
-    report = checked.stdout + checked.stderr
-    assert checked.returncode == 0, report
+    returncode, report = strict_mypy(tmp_path, "user_hooks", USER_CODE)
+    assert returncode == 0, report
     assert 'Revealed type is "flowtrace.websocket.bridge.WebSocketBridgeHook"' in report

@@ -187,14 +187,21 @@ def test_without_the_right_token_the_page_says_so_and_stops_asking(
     expect(connection).to_have_attribute("data-state", "unauthorized")
 
 
-def test_a_click_on_a_running_run_opens_it_though_it_re_renders(
-        gateway: GatewayFactory, new_page: Callable[..., Page]) -> None:
+def live_row(gateway: GatewayFactory, new_page: Callable[..., Page], events: list[BaseEvent],
+             status: str) -> tuple[Gateway, Page, Locator]:
+    """A gateway with one run (``events``), and a live page showing it with ``status``."""
     served = gateway()
-    served.publish(*running("busy"))
+    served.publish(*events)
     page = new_page(served.page_url())
     live(page)
-    busy = row(page, "busy")
-    expect(busy).to_have_attribute("data-status", "RUNNING")
+    shown = row(page, events[0].pipeline_id)
+    expect(shown).to_have_attribute("data-status", status)
+    return served, page, shown
+
+
+def test_a_click_on_a_running_run_opens_it_though_it_re_renders(
+        gateway: GatewayFactory, new_page: Callable[..., Page]) -> None:
+    _, page, busy = live_row(gateway, new_page, running("busy"), "RUNNING")
     duration = busy.get_by_test_id("run-duration")
     press_on(page, busy.get_by_test_id("run-name"))
     pressed = duration.text_content()
@@ -207,12 +214,7 @@ def test_a_click_on_a_running_run_opens_it_though_it_re_renders(
 
 def test_a_click_lands_on_the_pressed_run_while_new_runs_arrive_above_it(
         gateway: GatewayFactory, new_page: Callable[..., Page]) -> None:
-    served = gateway()
-    served.publish(*completed("pressed"))
-    page = new_page(served.page_url())
-    live(page)
-    pressed = row(page, "pressed")
-    expect(pressed).to_have_attribute("data-status", "COMPLETED")
+    served, page, pressed = live_row(gateway, new_page, completed("pressed"), "COMPLETED")
     press_on(page, pressed.get_by_test_id("run-name"))
     served.publish(*completed("newer"))  # its row goes above: under the mouse, at once
     expect(page.get_by_test_id("summary")).to_contain_text("2 recent runs")

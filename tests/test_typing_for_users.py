@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.typecheck import strict_mypy
+
 USER_CODE = '''\
 import flowtrace
 from flowtrace import EventFilter, HookManager
@@ -48,15 +50,9 @@ reveal_type(flowtrace.websocket.router)
 
 @pytest.mark.timeout(180)
 def test_strict_mypy_on_a_users_code_sees_flowtraces_types(tmp_path: Path) -> None:
-    (tmp_path / "user_app.py").write_text(USER_CODE)
-    checked = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
-         "--cache-dir", str(tmp_path / "cache"), "user_app.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=170, check=False,
-    )
-    report = checked.stdout + checked.stderr
+    returncode, report = strict_mypy(tmp_path, "user_app", USER_CODE)
     assert "py.typed marker" not in report, report  # checked first: it names the cause
-    assert checked.returncode == 0, report
+    assert returncode == 0, report
     assert 'Revealed type is "flowtrace.middleware.FlowtraceMiddleware"' in report
     assert 'Revealed type is "fastapi.applications.FastAPI"' in report
     assert "flowtrace.events.PipelineErrorEvent" in report  # parse_event's union
