@@ -940,16 +940,18 @@ class FlowtraceMiddleware(TaskiqMiddleware):
             return
         execution.monitor = None
         total = monitor.total
-        counted_done, counted_failed = await monitor.settled()
         value = execution.result_preview
-        if failed:
-            bad = min(total, max(1, counted_failed))
-            done = min(total - bad, counted_done)
-        elif execution.message.task_name == MAP_WAITER and isinstance(value, list):
-            done, bad = len(value), total - len(value)  # skipped errors are missing results
+        if not failed and execution.message.task_name == MAP_WAITER and isinstance(value, list):
+            # The map's result says it all (skipped errors are missing results): no counters.
+            done, bad = len(value), total - len(value)
         else:
-            bad = min(total, counted_failed)
-            done = total - bad
+            counted_done, counted_failed = await monitor.settled()
+            if failed:  # the waiter failed: at least one item did
+                bad = min(total, max(1, counted_failed))
+                done = min(total - bad, counted_done)
+            else:
+                bad = min(total, counted_failed)
+                done = total - bad
         await monitor.finish(done, bad)
         if execution.span is not None and execution.span.sampled:
             execution.span.record_attributes({
