@@ -76,6 +76,8 @@ def create_app(transport: Transport | None = None, *, max_connections: int = 100
         max_subscriptions=max_subscriptions, max_bad_frames=max_bad_frames, token=token,
         allowed_origins=list(allowed_origins) if allowed_origins is not None else None)
     hook_manager = hooks_of(hooks)
+    if hook_manager is not None:
+        hook_manager.fed_by("gateway")
     gateway = Gateway(transport, store=store, manager=manager, hooks=hook_manager,
                       stale_after=stale_after)
 

@@ -44,7 +44,7 @@ class Emitter:
         self.transport = transport
         self.hooks = hooks
         if hooks is not None:
-            hooks.note_emitter()  # so it can tell when a gateway feeds it this process's events too
+            hooks.fed_by("middleware")
         self.capture_payloads = capture_payloads
         self.max_payload_bytes = max_payload_bytes
         self.redact = redact

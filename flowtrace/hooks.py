@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from flowtrace import metrics
 from flowtrace.events import (
@@ -406,9 +406,7 @@ class HookManager:
         self._subscriptions: list[_Subscription] = []
         self._filters: list[EventFilter] = []
         self.dropped = 0
-        self._feeds = 0  # instrument() and create_app() calls given this manager
-        self._emitters = 0  # of them, instrument()'s
-        self._feeds_checked = False
+        self._fed_by: set[str] = set()  # "middleware", "gateway": see fed_by()
 
     def add_hook(self, hook: Any, filter: EventFilter | None = None) -> None:
         """Give ``hook`` the events (passing ``filter``) it has a method for.
@@ -467,23 +465,18 @@ class HookManager:
 
         The gateway's way in (``create_app(hooks=...)``).
         """
-        if not self._feeds_checked:
-            self._check_feeds()
         self.emit_nowait(event)
 
-    def note_emitter(self) -> None:
-        """Called by each middleware that emits into this manager (``instrument(hooks=...)``)."""
-        self._emitters += 1
+    def fed_by(self, source: Literal["middleware", "gateway"]) -> None:
+        """Note who feeds this manager (``instrument(hooks=...)``, ``create_app(hooks=...)``).
 
-    def _check_feeds(self) -> None:
-        """Warn (once) when this manager gets both the events of this process's middleware and
-        a gateway's, which are everyone's: each local event would reach its hooks twice.
-
-        Only warned: telling the copies apart would cost every event, and the gateway's
-        feed is the whole fleet's, so neither can be dropped.
+        Warned (once) when both do: the gateway's feed is everyone's events, this process's
+        included, so each of them would reach the hooks twice. Only warned: telling the
+        copies apart would cost every event, and neither feed can be dropped.
         """
-        self._feeds_checked = True
-        if self._emitters and self._feeds > self._emitters:
+        before = len(self._fed_by)
+        self._fed_by.add(source)
+        if len(self._fed_by) == 2 and before == 1:
             logger.warning(
                 "flowtrace: this HookManager was given to instrument() and to create_app() in "
                 "one process: if that gateway consumes this process's events, its hooks get "
@@ -515,7 +508,6 @@ def setup_websocket_bridge(hook_manager: HookManager,
 def hooks_of(objects: Iterable[Any] | HookManager | None) -> HookManager | None:
     """Accept a HookManager, hook objects (any iterable), or None."""
     if isinstance(objects, HookManager):
-        objects._feeds += 1
         return objects
     if objects is None:
         return None
