@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from flowtrace.events import BaseEvent, utc_now
+from flowtrace.events import BaseEvent, PipelineErrorEvent, utc_now
 from flowtrace.hooks import HookManager
 from flowtrace.runs import RunStore
 from flowtrace.transport.base import BACKOFF_MAX_S, FROM_BEGINNING, Transport, describe
@@ -37,6 +37,8 @@ MAX_SWEEP_INTERVAL = 5.0
 RECONNECT_GRACE = BACKOFF_MAX_S + 1.0
 """Seconds after the transport answers again before silence counts: publishers and the
 subscription retry at most every ``BACKOFF_MAX_S``, and a subscriber's read blocks ~1 s."""
+LOST_CLAIM_TTL_S = 7 * 24 * 3600.0
+"""How long the claim to declare a run LOST is kept where gateways share it (Redis)."""
 
 
 class Broadcaster(Protocol):
@@ -239,11 +241,29 @@ class Gateway:
         except Exception:
             logger.exception("flowtrace gateway: LOST sweep failed")
             return 0
+        declared = 0
         for event in lost:
-            logger.warning("flowtrace gateway: run %s (%s) declared LOST: %s",
-                           event.pipeline_id, event.pipeline_name, event.error)
-            await self.transport.publish(event)
-        return len(lost)
+            if await self._claim_lost(event):
+                logger.warning("flowtrace gateway: run %s (%s) declared LOST: %s",
+                               event.pipeline_id, event.pipeline_name, event.error)
+                await self.transport.publish(event)
+                declared += 1
+        return declared
+
+    async def _claim_lost(self, event: PipelineErrorEvent) -> bool:
+        """Whether this gateway declares the run: of gateways sharing a transport whose sweeps
+        find it silent at once, only the first to claim it does (the others apply its event)."""
+        try:
+            if await self.transport.claim(f"lost:{event.pipeline_id}", LOST_CLAIM_TTL_S):
+                return True
+        except Exception as exc:  # noqa: BLE001 - cannot tell now: the next sweep asks again
+            logger.warning("flowtrace gateway: could not claim run %s to declare it LOST: %s",
+                           event.pipeline_id, describe(exc))
+            self.store.undeclare_lost(event.pipeline_id)
+            return False
+        logger.info("flowtrace gateway: run %s is declared LOST by another gateway",
+                    event.pipeline_id)
+        return False
 
 
 def _received_at(event: BaseEvent) -> datetime:

@@ -367,6 +367,12 @@ class RunStore:
             declared.append(self._lost_event(run, now))
         return declared
 
+    def undeclare_lost(self, pipeline_id: str) -> None:
+        """A LOST declaration that could not be made: the next sweep tries again."""
+        run = self._runs.get(pipeline_id)
+        if run is not None:
+            run._book.lost_declared = False
+
     @staticmethod
     def _lost_event(run: RunState, now: datetime) -> PipelineErrorEvent:
         silent = (now - run._book.last_event_at).total_seconds()

@@ -24,7 +24,9 @@ import abc
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import socket
 from collections import deque
 from collections.abc import Callable
 
@@ -107,6 +109,10 @@ def make_client(url: str, socket_timeout: float) -> Redis:
 
 def counter_key(key: str) -> str:
     return f"flowtrace:items:{key}"
+
+
+def claim_key(key: str) -> str:
+    return f"flowtrace:claims:{key}"
 
 
 def count_op(key: str, failed: bool) -> Op:
@@ -528,6 +534,13 @@ class SenderBackedTransport(Transport, Publishing):
 
     def count_item(self, key: str, failed: bool) -> None:
         self._sender.submit(count_op(key, failed))
+
+    async def claim(self, key: str, ttl_s: float) -> bool:
+        """First to ``SET NX`` the claim's key in Redis (every gateway on it sees one winner)."""
+        claimant = f"{socket.gethostname()}:{os.getpid()}"  # who declared it, for whoever looks
+        claimed = await self._client.set(claim_key(key), claimant, nx=True,
+                                         ex=max(1, round(ttl_s)))
+        return bool(claimed)
 
     async def read_counts(self, key: str) -> tuple[int, int]:
         """Counts in Redis, after shipping this process's own pending increments (≤ 1 s)."""

@@ -85,6 +85,15 @@ class Transport(abc.ABC):
     async def read_counts(self, key: str) -> tuple[int, int]:
         """``(done, failed)`` counted so far under ``key``; (0, 0) when unknown or unreachable."""
 
+    async def claim(self, key: str, ttl_s: float) -> bool:
+        """Whether this caller is the first, of every process sharing the transport, to claim
+        ``key`` (kept ``ttl_s`` seconds); raises when that cannot be told now.
+
+        For what one gateway of many must do alone (declare a run LOST). A transport that
+        one process owns has nobody to share with: always True.
+        """
+        return True
+
     def history_is_truncated(self, since: str) -> bool:
         """True when events after ``since`` may be gone (or ``since`` is foreign)."""
         return False
