@@ -163,6 +163,12 @@ def test_setup_websocket_bridge_accepts_the_references_use_fastapi() -> None:
     assert setup_websocket_bridge(HookManager(), manager, use_fastapi=True).manager is manager
 
 
+def test_setup_websocket_bridge_imports_from_the_references_path() -> None:
+    from flowtrace.hooks.bridge import setup_websocket_bridge as from_bridge
+
+    assert from_bridge is setup_websocket_bridge
+
+
 # ------------------------------------------------ one manager for instrument + create_app
 
 
