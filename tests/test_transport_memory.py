@@ -137,6 +137,18 @@ async def test_replay_is_finite_and_from_beginning_means_everything_retained() -
     assert [index(e) for e in await take(transport.subscribe(since=FROM_BEGINNING), 3)] == [3, 4, 5]
 
 
+async def test_a_bare_epoch_resumes_from_this_incarnations_first_event() -> None:
+    transport = InMemoryTransport(maxlen=3)
+    await transport.publish(step(0))
+    assert not transport.history_is_truncated(transport.epoch)
+    assert [index(e) for e in await take(transport.subscribe(since=transport.epoch), 1)] == [0]
+
+    for n in range(1, 5):
+        await transport.publish(step(n))
+    assert transport.history_is_truncated(transport.epoch)  # step 0 and 1 are gone
+    assert [index(e) async for e in transport.replay(transport.epoch)] == [2, 3, 4]
+
+
 async def test_ids_from_another_incarnation_or_malformed_are_truncated() -> None:
     old, new = InMemoryTransport(), InMemoryTransport()
     assert old.epoch != new.epoch

@@ -25,7 +25,7 @@ from flowtrace.events import BaseEvent, Event, EventFields, event_of
 from flowtrace.metrics import DROP_SUBSCRIBER_OVERFLOW
 from flowtrace.transport.base import FROM_BEGINNING, Transport
 
-_ID = re.compile(r"([0-9]+)-([0-9]{1,18})")
+_ID = re.compile(r"([0-9]+)(?:-([0-9]{1,18}))?")
 _last_epoch = 0
 _MAX_COUNTER_KEYS = 10_000
 
@@ -38,9 +38,10 @@ def new_epoch() -> str:
 
 
 def split_id(event_id: str) -> tuple[str, int] | None:
-    """``(epoch, seq)`` of an ``"<epoch>-<seq>"`` id, None when malformed."""
+    """``(epoch, seq)`` of an ``"<epoch>-<seq>"`` id, None when malformed; ``"<epoch>"`` is
+    ``"<epoch>-0"`` (before this incarnation's first event), as Redis reads a bare stream id."""
     match = _ID.fullmatch(event_id)
-    return (match[1], int(match[2])) if match else None
+    return (match[1], int(match[2] or 0)) if match else None
 
 
 class _Queue(asyncio.Queue["tuple[int, Event] | None"]):
