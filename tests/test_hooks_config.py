@@ -163,6 +163,25 @@ def test_setup_websocket_bridge_accepts_the_references_use_fastapi() -> None:
     assert setup_websocket_bridge(HookManager(), manager, use_fastapi=True).manager is manager
 
 
+async def test_every_bridge_to_one_manager_feeds_its_run_store() -> None:
+    """Two brokers, each with its own HookManager, bridged to one manager: the runs of
+    both are known (snapshot, REST), not only the first bridge's."""
+    manager = FastAPIWebSocketManager()
+    first = setup_websocket_bridge(HookManager(), manager)
+    second = setup_websocket_bridge(HookManager(), manager)
+    assert first.store is second.store is manager.store is not None
+
+    await second.on_event(PipelineStartEvent(pipeline_id="second", pipeline_name="b"))
+    assert manager.store.get("second") is not None
+
+
+def test_a_bridge_leaves_a_store_the_gateway_feeds_alone() -> None:
+    app = create_app()
+    manager = app.state.flowtrace_manager
+    assert manager.store is app.state.flowtrace_store
+    assert setup_websocket_bridge(HookManager(), manager).store is None
+
+
 def test_setup_websocket_bridge_imports_from_the_references_path() -> None:
     from flowtrace.hooks.bridge import setup_websocket_bridge as from_bridge
 

@@ -13,6 +13,7 @@ router's REST routes list this process's runs. There is no history to resume fro
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Protocol
 
 from flowtrace.events import BaseEvent
@@ -26,16 +27,23 @@ class _HookManagerLike(Protocol):
     def add_hook(self, hook: object) -> object: ...
 
 
+_bridged_stores: weakref.WeakSet[RunStore] = weakref.WeakSet()
+"""Run stores that bridges gave their managers: every bridge to such a manager feeds it."""
+
+
 class WebSocketBridgeHook:
-    """``on_event`` → the run store it gave the manager (if any) → ``manager.broadcast``
+    """``on_event`` → the manager's run store when bridges feed it → ``manager.broadcast``
     (which never waits on a socket)."""
 
     def __init__(self, manager: FastAPIWebSocketManager) -> None:
         self.manager = manager
-        self.store: RunStore | None = None
-        """The manager's run store when this bridge created it (else someone else feeds it)."""
         if manager.store is None:
-            self.store = manager.store = RunStore()
+            store = manager.store = RunStore()
+            _bridged_stores.add(store)
+        self.store: RunStore | None = None
+        """The run store this bridge feeds; None when a gateway feeds the manager's."""
+        if isinstance(manager.store, RunStore) and manager.store in _bridged_stores:
+            self.store = manager.store
 
     async def on_event(self, event: BaseEvent) -> None:
         if self.store is not None:
