@@ -127,13 +127,22 @@ class Gateway:
                 await task
 
     async def _rebuild(self) -> None:
+        """Run states from the retained history; counters count live events only (see
+        :attr:`~flowtrace.metrics.GatewayMetrics.counting`)."""
         replayed = 0
-        async with _closing(self.transport.replay(self.last_id or FROM_BEGINNING)) as history:
-            async for event in history:
-                self.store.apply(event, now=_received_at(event))
-                if event.id:
-                    self.last_id = event.id
-                replayed += 1
+        metrics = self.store.metrics
+        if metrics is not None:
+            metrics.counting = False
+        try:
+            async with _closing(self.transport.replay(self.last_id or FROM_BEGINNING)) as history:
+                async for event in history:
+                    self.store.apply(event, now=_received_at(event))
+                    if event.id:
+                        self.last_id = event.id
+                    replayed += 1
+        finally:
+            if metrics is not None:
+                metrics.counting = True
         self._rebuilt = True
         logger.info("flowtrace gateway: rebuilt %d run(s) from %d retained event(s)",
                     len(self.store), replayed)

@@ -54,6 +54,9 @@ EVENT_DROP_REASONS: Final = (
 )
 """``flowtrace_events_dropped_total{reason}``."""
 
+RUN_FINAL_STATUSES: Final = ("completed", "failed", "lost")
+"""``status`` of ``flowtrace_pipeline_runs_total``."""
+
 WS_DROP_SLOW_CONSUMER: Final = "slow_consumer"  # queued for a client closed 4008
 WS_DROP_CLOSED: Final = "closed"  # queued for a client closed for another reason
 WS_DROP_SHUTDOWN: Final = "shutdown"  # queued for a client closed 1001 (going away)
@@ -93,6 +96,12 @@ def count_drop(reason: str, count: int = 1) -> None:
 class GatewayMetrics:
     """Run, step, event and WebSocket metrics of one gateway, in its own registry."""
 
+    counting = True
+    """False while the gateway replays history at start-up: the in-progress gauge follows the
+    replayed runs, but counters and histograms start from zero, as after any restart.
+    Counting what is still retained would restart them *lower* than before once the stream
+    was trimmed, which ``rate()`` reads as a reset followed by the whole history at once."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -127,20 +136,33 @@ class GatewayMetrics:
         self.ws_dropped = Counter(
             "flowtrace_ws_messages_dropped_total", "Messages not delivered to a WebSocket client.",
             ["reason"], registry=r)
+        self.transport_up = Gauge(
+            "flowtrace_transport_up",
+            "1 while this gateway can read its transport (Redis), else 0.", registry=r)
+        self.transport_up.set(1)
+        self._pipelines: set[str] = set()
         _create_series(self.events, "type", EVENT_TYPES)
         _create_series(self.ws_rejected, "reason", WS_REJECT_REASONS)
         _create_series(self.ws_dropped, "reason", WS_DROP_REASONS)
 
     # Runs -----------------------------------------------------------------
     def run_started(self, pipeline: str) -> None:
+        if pipeline not in self._pipelines:
+            # Every final status of a new pipeline exposed at 0: the first failed or lost run
+            # is then an increase that rate() and increase() see (and alerts with them).
+            self._pipelines.add(pipeline)
+            for status in RUN_FINAL_STATUSES:
+                self.pipeline_runs.labels(pipeline=pipeline, status=status)
         self.pipelines_in_progress.labels(pipeline=pipeline).inc()
 
     def run_finished(self, pipeline: str, status: str, duration_s: float | None,
                      was_in_progress: bool = True) -> None:
         """Count a finished run; ``status`` is completed, failed or lost."""
-        self.pipeline_runs.labels(pipeline=pipeline, status=status).inc()
-        if duration_s is not None:
-            self.pipeline_duration.labels(pipeline=pipeline, status=status).observe(duration_s)
+        if self.counting:
+            self.pipeline_runs.labels(pipeline=pipeline, status=status).inc()
+            if duration_s is not None:
+                self.pipeline_duration.labels(pipeline=pipeline, status=status).observe(
+                    duration_s)
         if was_in_progress:
             self.pipelines_in_progress.labels(pipeline=pipeline).dec()
 
@@ -148,15 +170,20 @@ class GatewayMetrics:
     def step_finished(self, pipeline: str, step: str, status: str,
                       duration_s: float | None) -> None:
         """Count a step attempt; ``status`` is completed, failed or retried."""
+        if not self.counting:
+            return
         self.step_runs.labels(pipeline=pipeline, step=step, status=status).inc()
         if duration_s is not None:
             self.step_duration.labels(pipeline=pipeline, step=step).observe(duration_s)
 
     def step_queue_wait(self, pipeline: str, step: str, wait_s: float) -> None:
-        self.step_queue_wait_seconds.labels(pipeline=pipeline, step=step).observe(max(0.0, wait_s))
+        if self.counting:
+            self.step_queue_wait_seconds.labels(pipeline=pipeline, step=step).observe(
+                max(0.0, wait_s))
 
     def event_seen(self, event_type: str) -> None:
-        self.events.labels(type=event_type).inc()
+        if self.counting:
+            self.events.labels(type=event_type).inc()
 
     # WebSocket ------------------------------------------------------------
     def ws_connected(self) -> None:

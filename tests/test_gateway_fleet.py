@@ -419,5 +419,5 @@ async def _check_lost_once(gateway: Any, pipeline_id: str) -> None:
     assert await gateway.metric("flowtrace_pipeline_runs_total",
                                 pipeline="slow", status="lost") == 1.0
     assert await gateway.metric("flowtrace_pipeline_runs_total",
-                                pipeline="slow", status="completed") is None
+                                pipeline="slow", status="completed") == 0.0
     assert await gateway.metric("flowtrace_pipelines_in_progress", pipeline="slow") == 0.0

@@ -86,6 +86,7 @@ async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServe
         # stale_after, over several sweeps (every stale_after / 4).
         await async_wait_until(lambda: deaf_for(gateway, 2 * STALE_AFTER), timeout=60,
                                message="the gateway deaf for twice stale_after")
+        assert await gateway.metric("flowtrace_transport_up") == 0.0
         events_redis.start()
         await publish(events_redis.url, ended)
         await async_wait_until(lambda: status_is(gateway, alive, "COMPLETED"), timeout=60,
@@ -98,13 +99,14 @@ async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServe
                                message="the silent witness declared LOST")
 
         assert (await readiness(gateway))[0] == 200
+        assert await gateway.metric("flowtrace_transport_up") == 1.0
         stream = await stream_events(events_redis.url)
         lost = [e.pipeline_id for e in stream if isinstance(e, PipelineErrorEvent)]
         assert lost == [witness]
         assert await gateway.metric("flowtrace_pipeline_runs_total",
                                     pipeline="alive", status="completed") == 1.0
         assert await gateway.metric("flowtrace_pipeline_runs_total",
-                                    pipeline="alive", status="lost") is None
+                                    pipeline="alive", status="lost") == 0.0
         assert await gateway.metric("flowtrace_pipeline_runs_total",
                                     pipeline="witness", status="lost") == 1.0
 
