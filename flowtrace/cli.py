@@ -15,6 +15,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Sequence
@@ -119,6 +120,7 @@ async def serve_app(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
                             timeout_graceful_shutdown=int(CLOSE_TIMEOUT),
                             ws_per_message_deflate=ws_deflate,
                             ws_max_size=int(manager.max_message_bytes))
+    hide_tokens_in_uvicorn_logs()  # after the Config: it (re)configures uvicorn's loggers
 
     def started(bound: int) -> None:
         print_urls(banner, host, bound)
@@ -129,6 +131,26 @@ async def serve_app(app: Any, host: str = "127.0.0.1", port: int = 8000, *,
 
     server = GracefulServer(config, before_exit=before_exit, on_started=started)
     await server.serve()
+
+
+class TokenMasker(logging.Filter):
+    """Masks ``token=...`` in the request lines uvicorn logs (the access log, and the
+    ``"WebSocket /ws/*?token=..." [accepted]`` lines): ``?token=`` is one way to pass it."""
+
+    _TOKEN = re.compile(r"(?<=[?&])token=[^&\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._TOKEN.sub("token=***", arg) if isinstance(arg, str)
+                                else arg for arg in record.args)
+        return True
+
+
+def hide_tokens_in_uvicorn_logs() -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, TokenMasker) for f in log.filters):
+            log.addFilter(TokenMasker())
 
 
 def run_app(app: Any, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
@@ -269,6 +291,16 @@ def redis_url(text: str) -> str:
             f"expected a Redis URL (redis://, rediss:// or unix://), got {text!r}")
     if parts.scheme == "unix" and not parts.path:
         raise argparse.ArgumentTypeError(f"a unix:// URL needs a socket path, got {text!r}")
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"invalid Redis URL {text!r}: the database must be a number, got {database!r}")
+    try:  # the client's own reading of the options (no connection is opened)
+        from redis.asyncio import Redis
+
+        Redis.from_url(text).connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"invalid Redis URL {text!r}: {exc}") from None
     return text
 
 
@@ -282,6 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.redis_url:
         parser.error("serve needs a Redis URL: pass --redis-url URL or set FLOWTRACE_REDIS_URL")
+    # flowtrace's own lines (LOST runs, transport outages, the rebuild) at --log-level,
+    # with a time and a level (uvicorn formats its own).
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve_redis(args))
     return 0
 

@@ -33,6 +33,7 @@ import flowtrace
 from flowtrace import demo_pipelines
 from flowtrace.app import create_app
 from flowtrace.events import BaseEvent
+from flowtrace.transport.memory import InMemoryTransport
 
 logger = logging.getLogger("flowtrace.demo")
 
@@ -140,7 +141,10 @@ def create_demo_app(*, max_in_flight: int = 24,
     """The gateway app over the instrumented example broker, kicking runs while it serves."""
     broker = demo_pipelines.broker
     in_flight = InFlight(max_in_flight)
-    middleware = flowtrace.instrument(broker, hooks=[in_flight], service_name="flowtrace-demo")
+    # Always in memory (SPEC §7), even with FLOWTRACE_REDIS_URL set: the demo's runs must
+    # never reach a real fleet's stream.
+    middleware = flowtrace.instrument(broker, hooks=[in_flight], service_name="flowtrace-demo",
+                                      transport=InMemoryTransport())
     app = create_app(transport=middleware.transport)
     manager = app.state.flowtrace_manager
     gate = Gate()

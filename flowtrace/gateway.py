@@ -34,6 +34,8 @@ logger = logging.getLogger("flowtrace.gateway")
 MIN_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
 MAX_SWEEP_INTERVAL = 5.0
+MIN_SWEEP_INTERVAL = 0.25
+"""Each sweep reads Redis once: a tiny ``stale_after`` must not make it a busy loop."""
 RECONNECT_GRACE = BACKOFF_MAX_S + 1.0
 """Seconds after the transport answers again before silence counts: publishers and the
 subscription retry at most every ``BACKOFF_MAX_S``, and a subscriber's read blocks ~1 s."""
@@ -52,7 +54,7 @@ class Gateway:
 
     ``stale_after`` (default: the store's) is how long a RUNNING run may stay silent
     before it is declared LOST; the sweep runs every ``sweep_interval`` seconds
-    (default ``min(stale_after / 4, 5)``) while the transport answers
+    (default ``stale_after / 4`` within 0.25–5 s) while the transport answers
     (``transport_reachable``, as the sweep last found it).
     """
 
@@ -67,7 +69,8 @@ class Gateway:
             store.stale_after = stale_after
         if store.stale_after <= 0:
             raise ValueError("stale_after must be > 0")
-        self.sweep_interval = sweep_interval or min(store.stale_after / 4, MAX_SWEEP_INTERVAL)
+        self.sweep_interval = sweep_interval or min(
+            max(store.stale_after / 4, MIN_SWEEP_INTERVAL), MAX_SWEEP_INTERVAL)
         self.last_id: str | None = None
         self.events_consumed = 0
         self.unreachable_since: datetime | None = None

@@ -36,6 +36,7 @@ def instrument(
     else to an in-process transport (``mw.transport``, for ``create_app``). On a broker
     that is already instrumented it returns the middleware already there.
     """
+    _check_metrics_port(metrics_port)
     existing = next((m for m in broker.middlewares if isinstance(m, FlowtraceMiddleware)), None)
     if existing is not None:  # a second middleware would report every run twice
         logger.warning("flowtrace: the broker is already instrumented; instrument() returns "
@@ -54,6 +55,13 @@ def instrument(
     if metrics_port is not None:
         _serve_metrics_on_startup(broker, metrics_port)
     return middleware
+
+
+def _check_metrics_port(port: int | None) -> None:
+    """A port from 1 to 65535 (0 would serve on a random port nobody scrapes)."""
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 1 <= port <= 65535):
+        raise ValueError(f"metrics_port must be a port from 1 to 65535, got {port!r}")
 
 
 #: How many ports above ``metrics_port`` the processes of one host may take.

@@ -250,3 +250,10 @@ def test_strict_mypy_accepts_the_forms_the_runtime_accepts(tmp_path: Path) -> No
     returncode, report = strict_mypy(tmp_path, "user_hooks", USER_CODE)
     assert returncode == 0, report
     assert 'Revealed type is "flowtrace.websocket.bridge.WebSocketBridgeHook"' in report
+
+
+# ------------------------------------------------------------------ metrics_port
+@pytest.mark.parametrize("port", [-1, 0, 70_000, "9100", True])
+def test_a_metrics_port_that_is_no_port_is_refused(port: Any) -> None:
+    with pytest.raises(ValueError, match="metrics_port must be a port from 1 to 65535"):
+        flowtrace.instrument(InMemoryBroker(), metrics_port=port)

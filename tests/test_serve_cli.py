@@ -94,6 +94,21 @@ def test_serve_reads_its_settings_from_the_environment(redis_server: RedisServer
         assert stats["max_connections"] == 7
 
 
+async def test_serve_logs_its_own_lines_and_never_the_token(redis_server: RedisServer) -> None:
+    secret = "S3CRET-token"
+    with gateway("--redis-url", redis_server.url, "--token", secret) as served:
+        assert httpx.get(f"{served.url}/api/pipelines?token={secret}",
+                         trust_env=False).status_code == 200
+        async with connect(f"ws://127.0.0.1:{served.port}/ws/*?limit=1&token={secret}") as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+        wait_until(lambda: "/ws/*?limit=1&token=***" in served.output()
+                   and "/api/pipelines?token=***" in served.output(),
+                   message="the access log's request lines, token masked")
+        # flowtrace's own INFO lines, with a level and the logger's name.
+        assert " INFO flowtrace.gateway: flowtrace gateway: rebuilt 0 run(s)" in served.output()
+        assert secret not in served.output()
+
+
 async def test_serve_shows_runs_published_to_redis(redis_server: RedisServer) -> None:
     publisher = RedisStreamTransport(redis_server.url)
     try:
@@ -196,7 +211,9 @@ BAD_FLAGS = [
     ("--stale-after", "nan"), ("--stale-after", "inf"), ("--stale-after", "-inf"),
     ("--stale-after", "0"), ("--stale-after", "1e300"), ("--port", "99999"),
     ("--port", "-1"), ("--redis-url", "notaurl"), ("--redis-url", "redis://host:99999/0"),
-    ("--max-connections", "0"),
+    ("--max-connections", "0"), ("--redis-url", "redis://127.0.0.1:1/0?socket_timeout=abc"),
+    ("--redis-url", "redis://127.0.0.1:1/0?no_such_option=1"),
+    ("--redis-url", "redis://127.0.0.1:1/abc"),
 ]
 
 
@@ -219,6 +236,29 @@ def test_a_bad_environment_variable_is_a_usage_error(variable: str, value: str,
     result = run_cli("serve", "--port", str(free_port()), env=env)
     assert_usage_error(result, "serve", flag)
     assert variable in result.stderr
+
+
+def test_the_demo_keeps_its_runs_in_memory_even_with_a_redis_url_set(
+        redis_server: RedisServer) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flowtrace.cli", "demo", "--port", str(port)],
+                            cwd=REPO_ROOT, env=make_env(FLOWTRACE_REDIS_URL=redis_server.url),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def finished_runs() -> bool:
+            try:
+                runs = httpx.get(f"http://127.0.0.1:{port}/api/pipelines?status=COMPLETED",
+                                 timeout=2, trust_env=False).json()
+            except httpx.HTTPError:
+                return False
+            return len(runs) >= 3
+
+        wait_until(finished_runs, timeout=90, message="the demo's first finished runs")
+        keys = subprocess.run(["redis-cli", "-p", str(redis_server.port), "--scan"],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+        assert keys.split() == []  # nothing of the demo's reached the fleet's Redis
+    finally:
+        kill_process(proc)
 
 
 def test_a_bad_demo_port_is_a_usage_error() -> None:
