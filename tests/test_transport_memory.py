@@ -149,6 +149,14 @@ async def test_a_bare_epoch_resumes_from_this_incarnations_first_event() -> None
     assert [index(e) async for e in transport.replay(transport.epoch)] == [2, 3, 4]
 
 
+async def test_replay_of_one_run_yields_only_that_runs_events() -> None:
+    transport = InMemoryTransport()
+    for n in range(9):
+        await transport.publish(step(n, ["a", "b", "c"][n % 3]))
+    assert [index(e) async for e in transport.replay(FROM_BEGINNING, "b")] == [1, 4, 7]
+    assert [e async for e in transport.replay(FROM_BEGINNING, "x")] == []
+
+
 async def test_ids_from_another_incarnation_or_malformed_are_truncated() -> None:
     old, new = InMemoryTransport(), InMemoryTransport()
     assert old.epoch != new.epoch

@@ -171,6 +171,27 @@ async def test_stream_replay_is_finite_and_resumes_after_since(redis_server: Red
     await transport.close()
 
 
+ODD_ID = 'run "ü/1"'  # no plain id: its entries are decoded to be told apart
+
+
+async def test_stream_replay_of_one_run_yields_only_that_runs_events(
+        redis_server: RedisServer, no_task_leaks: None) -> None:
+    transport = RedisStreamTransport(redis_server.url, batch_size=4)
+    runs = ["a1b2-c3", "a1b2", ODD_ID]
+    for n in range(12):
+        await transport.publish(step(n, runs[n % 3]))
+    assert await transport.flush()
+
+    for pipeline_id in runs:
+        replayed = [e async for e in transport.replay(FROM_BEGINNING, pipeline_id)]
+        assert {e.pipeline_id for e in replayed} == {pipeline_id}
+        assert [index(e) for e in replayed] == [n for n in range(12) if runs[n % 3] == pipeline_id]
+    # An id that is only part of another's, or of a field's value, matches nothing.
+    assert [e async for e in transport.replay(FROM_BEGINNING, "a1b")] == []
+    assert [e async for e in transport.replay(FROM_BEGINNING, "s")] == []
+    await transport.close()
+
+
 async def test_stream_detects_trimmed_history(redis_server: RedisServer,
                                               no_task_leaks: None) -> None:
     fresh = RedisStreamTransport(redis_server.url, stream="other")

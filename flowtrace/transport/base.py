@@ -50,11 +50,12 @@ class Transport(abc.ABC):
         """Events with ``id`` set: only new ones, or every retained one after ``since`` first."""
 
     @abc.abstractmethod
-    def replay(self, since: str) -> AsyncIterator[Event]:
+    def replay(self, since: str, pipeline_id: str | None = None) -> AsyncIterator[Event]:
         """Every retained event after ``since`` up to the newest one now, then stop.
 
         Finite, unlike :meth:`subscribe`. ``since=FROM_BEGINNING`` replays everything
-        retained. Used by the gateway to rebuild its run store and to resume clients.
+        retained; ``pipeline_id`` keeps one run's events (the others are skipped before they
+        are decoded). Used by the gateway to rebuild its run store and to resume clients.
         """
 
     async def flush(self, timeout: float = 2.0) -> bool:

@@ -121,11 +121,12 @@ class InMemoryTransport(Transport):
         replay = self._retained_after(since) if since is not None else []
         return self._iterate(queue, replay, self._seq)
 
-    def replay(self, since: str) -> AsyncIterator[Event]:
-        """The retained events after ``since`` at the time of this call, then stop."""
-        return _yield_all(self._retained_after(since))
+    def replay(self, since: str, pipeline_id: str | None = None) -> AsyncIterator[Event]:
+        """The retained events after ``since`` (of ``pipeline_id`` only, if given) at the time
+        of this call, then stop."""
+        return _yield_all(self._retained_after(since, pipeline_id))
 
-    def _retained_after(self, since: str) -> list[Event]:
+    def _retained_after(self, since: str, pipeline_id: str | None = None) -> list[Event]:
         parsed = split_id(since)
         if parsed is None or not self._ring:
             return []
@@ -134,7 +135,9 @@ class InMemoryTransport(Transport):
             start = 0
         else:  # seqs in the ring are contiguous: the first one after ``seq`` is at an offset
             start = max(0, seq - self._oldest_seq() + 1)
-        return [_rebuilt(fields) for fields in itertools.islice(self._ring, start, None)]
+        retained = itertools.islice(self._ring, start, None)
+        return [_rebuilt(fields) for fields in retained
+                if pipeline_id is None or fields["pipeline_id"] == pipeline_id]
 
     async def _iterate(
         self, queue: _Queue, replay: list[Event], replayed_upto: int

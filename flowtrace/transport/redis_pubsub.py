@@ -89,7 +89,7 @@ class RedisPubSubTransport(SenderBackedTransport):
         """
         return self._follow()
 
-    def replay(self, since: str) -> AsyncIterator[Event]:
+    def replay(self, since: str, pipeline_id: str | None = None) -> AsyncIterator[Event]:
         """Nothing: pub/sub retains no history."""
         return _nothing()
 

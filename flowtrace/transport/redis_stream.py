@@ -32,6 +32,7 @@ from flowtrace.transport.base import FROM_BEGINNING, describe
 
 StreamId = tuple[int, int]
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:-]+")
 _STREAM_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
 _MAX_ID_PART = 2**64 - 1
 _FIELD = "e"
@@ -196,19 +197,22 @@ class RedisStreamTransport(SenderBackedTransport):
 
     # -- resume -----------------------------------------------------------------
 
-    def replay(self, since: str) -> AsyncIterator[Event]:
+    def replay(self, since: str, pipeline_id: str | None = None) -> AsyncIterator[Event]:
         """Retained events after ``since`` up to the stream's end when first awaited, then stop.
 
-        Raises the Redis error when Redis is unreachable (the caller retries); a
-        malformed ``since`` replays nothing.
+        With ``pipeline_id``, only that run's: an entry whose JSON does not hold the id is
+        skipped undecoded (one client resuming one run reads the stream, but decodes only
+        its run's events). Raises the Redis error when Redis is unreachable (the caller
+        retries); a malformed ``since`` replays nothing.
         """
-        return self._replay(since)
+        return self._replay(since, pipeline_id)
 
-    async def _replay(self, since: str) -> AsyncIterator[Event]:
+    async def _replay(self, since: str, pipeline_id: str | None) -> AsyncIterator[Event]:
         start = canonical_stream_id(since)
         if start is None:
             log.warning("flowtrace: ignoring malformed resume id %r", since)
             return
+        needle = _json_string_bytes(pipeline_id)
         end = await self._stream_end(self._client)
         last = start
         while _id(last) < _id(end):
@@ -219,8 +223,10 @@ class RedisStreamTransport(SenderBackedTransport):
                 return
             for entry_id, fields in entries:
                 last = _text(entry_id)
+                if needle is not None and not _may_hold(fields, needle):
+                    continue
                 event = self._decode(last, fields)
-                if event is not None:
+                if event is not None and pipeline_id in (None, event.pipeline_id):
                     yield event
 
     def history_is_truncated(self, since: str) -> bool:
@@ -248,6 +254,20 @@ class RedisStreamTransport(SenderBackedTransport):
             log.debug("flowtrace: cannot check stream history: %s", describe(exc))
             return True
         return info is None or _trimmed_after(wanted, info)  # no stream: all of it is gone
+
+
+def _json_string_bytes(text: str | None) -> bytes | None:
+    """``text`` as any JSON encoder writes it, quotes included, when that is certain (letters,
+    digits and ``_.:-``, which none escapes: task ids are); else None."""
+    if text is None or _PLAIN_ID.fullmatch(text) is None:
+        return None
+    return b'"' + text.encode() + b'"'
+
+
+def _may_hold(fields: object, needle: bytes) -> bool:
+    """False only for an entry whose payload is bytes without ``needle``."""
+    raw = fields.get(_FIELD_BYTES) if isinstance(fields, Mapping) else None
+    return not isinstance(raw, bytes) or needle in raw
 
 
 def _trimmed_after(wanted: StreamId, info: Mapping[str, Any]) -> bool:

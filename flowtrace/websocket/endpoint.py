@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from starlette.requests import HTTPConnection
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowtrace.events import BaseEvent
@@ -170,6 +173,8 @@ class _Session:
         self.manager = manager
         self.client = client
         self.websocket = client.websocket
+        self._ahead: asyncio.Future[Message] | None = None
+        """A frame read while a replay ran (to see the peer leave): the reader's next one."""
 
     async def run(self, pipeline_id: str) -> None:
         manager, client = self.manager, self.client
@@ -187,6 +192,8 @@ class _Session:
             manager.unregister(client)
             for task in (reader, writer):
                 task.cancel()
+            if self._ahead is not None:
+                self._ahead.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
             if writer.cancelled():
                 # Given up on (a peer that stopped reading): its close was never written.
@@ -201,10 +208,10 @@ class _Session:
     async def _read(self, pipeline_id: str) -> None:
         """Subscribe to the path's channel, then answer client frames until the end."""
         await self._subscribe_from_query(pipeline_id)
-        websocket, manager, client = self.websocket, self.manager, self.client
+        manager, client = self.manager, self.client
         limit = manager.max_message_bytes
         while not client.closing:
-            message = await websocket.receive()
+            message = await self._receive()
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
@@ -231,6 +238,32 @@ class _Session:
                 return
             self._bad_frame(ProtocolError("invalid_message", "binary frames are not supported; "
                                                              "send JSON text frames"))
+
+    async def _receive(self) -> Message:
+        ahead, self._ahead = self._ahead, None
+        return await (ahead if ahead is not None else self.websocket.receive())
+
+    async def _unless_peer_left(self, replay: Coroutine[Any, Any, str | None]) -> str | None:
+        """``replay``, ended early (None) when the peer leaves meanwhile.
+
+        A replay may read a whole stream and send nothing (no event of the run): only a read
+        tells that the peer is gone, and the reader is busy replaying. The frame read here,
+        whatever it is, is the reader's next one.
+        """
+        task = asyncio.ensure_future(replay)
+        try:
+            if self._ahead is None:
+                self._ahead = asyncio.ensure_future(self.websocket.receive())
+            either: set[asyncio.Future[Any]] = {task, self._ahead}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and _peer_left(self._ahead):
+                return None
+            return await task
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _bad_frame(self, error: ProtocolError) -> None:
         client = self.client
@@ -276,7 +309,7 @@ class _Session:
         sub = manager.subscribe(client, channel, request.event_types, resuming=True)
         last_replayed: str | None = None
         try:
-            last_replayed = await self._replay(request, sub)
+            last_replayed = await self._unless_peer_left(self._replay(request, sub))
         finally:
             manager.finish_resume(client, sub, last_replayed)
 
@@ -318,7 +351,7 @@ class _Session:
         manager, client = self.manager, self.client
         channel, types = request.pipeline_id, request.event_types
         try:
-            async for event in transport.replay(start):
+            async for event in transport.replay(start, None if channel == ALL else channel):
                 last = event.id
                 if not _matches(event, channel, types):
                     continue
@@ -336,6 +369,15 @@ async def _history_truncated(transport: Transport, since: str) -> bool:
     except Exception:  # a transport that cannot tell: say so rather than promise
         logger.warning("is_history_truncated failed", exc_info=True)
         return True
+
+
+def _peer_left(receive: asyncio.Future[Message]) -> bool:
+    """A finished read that saw the peer go (or failed: the connection is gone)."""
+    if not receive.done():
+        return False
+    if receive.cancelled() or receive.exception() is not None:
+        return True
+    return bool(receive.result()["type"] == "websocket.disconnect")
 
 
 def _matches(event: BaseEvent, channel: str, types: frozenset[str] | None) -> bool:
