@@ -953,6 +953,8 @@ class FlowtraceMiddleware(TaskiqMiddleware):
                 bad = min(total, counted_failed)
                 done = total - bad
         await monitor.finish(done, bad)
+        if not execution.retry_pending:  # the step is over: its counters are no longer read
+            self.transport.forget_counts(monitor.key)
         if execution.span is not None and execution.span.sampled:
             execution.span.record_attributes({
                 "flowtrace.step.done": done, "flowtrace.step.failed": bad,

@@ -55,7 +55,9 @@ class ProgressMonitor:
             await asyncio.sleep(self.interval)
 
     async def _report_if_changed(self, done: int, failed: int) -> None:
-        counts = (min(done, self.total), min(failed, self.total))
+        # An item redelivered after it counted itself counts again: the sum stays in total.
+        done = min(done, self.total)
+        counts = (done, min(failed, self.total - done))
         if counts != self.last:
             self.last = counts
             await self.report(*counts)

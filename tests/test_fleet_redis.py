@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 import flowtrace
 from flowtrace.transport.base import FROM_BEGINNING
@@ -66,8 +67,20 @@ async def fleet(redis_server: RedisServer, events_redis: RedisServer,
     await collector.stop()
 
 
+async def no_item_counters_left(url: str) -> None:
+    """A map/filter step's shared counters go once the step is over (else kept for a day)."""
+    client = Redis.from_url(url)
+    try:
+        async def none_left() -> bool:
+            return not [key async for key in client.scan_iter("flowtrace:items:*")]
+
+        await async_wait_until(none_left, message="no flowtrace:items:* key left")
+    finally:
+        await client.aclose()
+
+
 async def test_pipeline_with_map_and_filter_across_two_worker_processes(
-        fleet: tuple[Any, StreamCollector]) -> None:
+        fleet: tuple[Any, StreamCollector], events_redis: RedisServer) -> None:
     app, collector = fleet
     pipeline = flowtrace.Pipeline(app.broker, app.extract, name="fleet-etl").map(
         app.where, check_interval=0.05).filter(app.is_big, check_interval=0.05).call_next(
@@ -97,6 +110,7 @@ async def test_pipeline_with_map_and_filter_across_two_worker_processes(
     assert all(e.trace_id is None for e in events)  # no OTEL_* configured: tracing is off
     assert events[0].input == 10 and events[-1].result == sum(map_done.result)
     assert all(e.duration_ms > 0 for e in events if e.type == "StepCompleteEvent")
+    await no_item_counters_left(events_redis.url)
 
 
 @pytest.fixture
@@ -119,7 +133,7 @@ async def lingering_fleet(redis_server: RedisServer,
 
 
 async def test_final_item_counts_are_exact_when_items_fail_in_other_processes(
-        lingering_fleet: tuple[Any, StreamCollector]) -> None:
+        lingering_fleet: tuple[Any, StreamCollector], events_redis: RedisServer) -> None:
     """The waiter sees every item's result before every item's count has reached Redis
     (counts from the other worker process are still waiting for their batch): the last
     StepProgressEvent still reports the final counts (SPEC §3), for each kind of ending."""
@@ -139,6 +153,7 @@ async def test_final_item_counts_are_exact_when_items_fail_in_other_processes(
         progress = [e for e in events if e.type == "StepProgressEvent"]
         assert (progress[-1].done, progress[-1].failed, progress[-1].total) == (4, 4, 8), (
             name, progress)
+    await no_item_counters_left(events_redis.url)
 
 
 async def test_failing_retried_and_unstorable_runs_across_processes(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import flowtrace.transport
 from flowtrace.events import Event, PipelineCompleteEvent, PipelineStartEvent, StepStartEvent
+from flowtrace.progress import ProgressMonitor
 from flowtrace.transport import InMemoryTransport
 from flowtrace.transport.base import FROM_BEGINNING, id_sort_key
 from tests.support.processes import test_env
@@ -295,3 +296,25 @@ def test_a_process_with_events_in_memory_does_not_load_the_redis_client() -> Non
     assert done.stdout.split() == ["False", "True", "True"]
     with pytest.raises(AttributeError, match="has no attribute 'RedisTransport'"):
         _ = flowtrace.transport.RedisTransport  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ a step's item counts
+async def test_progress_never_counts_more_items_than_the_step_has() -> None:
+    """Items redelivered after they counted themselves (a broker's idle timeout) count again:
+    a report keeps done + failed within total, and the counters go when the step is over."""
+    transport = InMemoryTransport()
+    reports: list[tuple[int, int]] = []
+
+    async def report(done: int, failed: int) -> None:
+        reports.append((done, failed))
+
+    monitor = ProgressMonitor(transport, "run:1", total=5, report=report, interval=0.01)
+    for failed in (False, False, False, True, True, False, False, True):
+        transport.count_item("run:1", failed)
+    monitor.start()
+    await async_wait_until(lambda: reports, message="a progress report")
+    await monitor.finish(5, 0)
+    assert reports == [(5, 0)]
+
+    transport.forget_counts("run:1")
+    assert await transport.read_counts("run:1") == (0, 0)

@@ -120,6 +120,10 @@ def count_op(key: str, failed: bool) -> Op:
     return (("HINCRBY", name, "failed" if failed else "done", 1), ("EXPIRE", name, COUNTER_TTL_S))
 
 
+def forget_op(key: str) -> Op:
+    return (("DEL", counter_key(key)),)
+
+
 async def read_counts(client: Redis, key: str) -> tuple[int, int]:
     """``(done, failed)`` stored under ``key``; (0, 0) on any error."""
     try:
@@ -534,6 +538,10 @@ class SenderBackedTransport(Transport, Publishing):
 
     def count_item(self, key: str, failed: bool) -> None:
         self._sender.submit(count_op(key, failed))
+
+    def forget_counts(self, key: str) -> None:
+        """DEL the hash (else kept for ``COUNTER_TTL_S``: a day of keys on a busy fleet)."""
+        self._sender.submit(forget_op(key))
 
     async def claim(self, key: str, ttl_s: float) -> bool:
         """First to ``SET NX`` the claim's key in Redis (every gateway on it sees one winner)."""

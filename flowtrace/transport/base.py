@@ -86,6 +86,9 @@ class Transport(abc.ABC):
     async def read_counts(self, key: str) -> tuple[int, int]:
         """``(done, failed)`` counted so far under ``key``; (0, 0) when unknown or unreachable."""
 
+    def forget_counts(self, key: str) -> None:  # noqa: B027 - optional: counters may expire
+        """Drop the counters under ``key``: their step is over (fire and forget)."""
+
     async def claim(self, key: str, ttl_s: float) -> bool:
         """Whether this caller is the first, of every process sharing the transport, to claim
         ``key`` (kept ``ttl_s`` seconds); raises when that cannot be told now.

@@ -184,6 +184,9 @@ class InMemoryTransport(Transport):
     async def read_counts(self, key: str) -> tuple[int, int]:
         return self._counts.get(key, (0, 0))
 
+    def forget_counts(self, key: str) -> None:
+        self._counts.pop(key, None)
+
     def reopen(self) -> None:
         """Take subscribers again after :meth:`close` (the ring and ids carry on)."""
         self._closed = False
