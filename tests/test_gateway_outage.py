@@ -132,8 +132,9 @@ async def test_a_gateway_started_before_its_redis_says_so_once_and_catches_up() 
 
             output = gateway.output()
             assert "Traceback" not in output, output
-            said = [line for line in output.splitlines()
-                    if line.startswith("flowtrace") and " running on " not in line]
+            # One warning when the outage starts and one when it ends (INFO lines say more).
+            said = [line.split(" WARNING flowtrace.gateway: ", 1)[1]
+                    for line in output.splitlines() if " WARNING flowtrace." in line]
             assert len(said) == 2, output
             assert said[0].startswith("flowtrace gateway: cannot read the transport "
                                       "(ConnectionError: "), output
