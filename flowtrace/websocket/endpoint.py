@@ -243,8 +243,8 @@ class _Session:
         ahead, self._ahead = self._ahead, None
         return await (ahead if ahead is not None else self.websocket.receive())
 
-    async def _unless_peer_left(self, replay: Coroutine[Any, Any, str | None]) -> str | None:
-        """``replay``, ended early (None) when the peer leaves meanwhile.
+    async def _unless_peer_left(self, replay: Coroutine[Any, Any, None]) -> None:
+        """``replay``, cancelled when the peer leaves meanwhile.
 
         A replay may read a whole stream and send nothing (no event of the run): only a read
         tells that the peer is gone, and the reader is busy replaying. The frame read here,
@@ -257,8 +257,8 @@ class _Session:
             either: set[asyncio.Future[Any]] = {task, self._ahead}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and _peer_left(self._ahead):
-                return None
-            return await task
+                return
+            await task
         finally:
             if not task.done():
                 task.cancel()
@@ -307,11 +307,20 @@ class _Session:
             manager.subscribe(client, channel, request.event_types)
             return
         sub = manager.subscribe(client, channel, request.event_types, resuming=True)
+        try:
+            await self._unless_peer_left(self._resume(request, sub))
+        finally:
+            if sub.held is not None:  # the resume never got to its end: the peer left
+                manager.finish_resume(client, sub, None)
+
+    async def _resume(self, request: Subscribe, sub: Subscription) -> None:
+        """The replay, then live, with no await in between: live events held meanwhile may
+        be let go of (to be read again) until the replay has handed over."""
         last_replayed: str | None = None
         try:
-            last_replayed = await self._unless_peer_left(self._replay(request, sub))
+            last_replayed = await self._replay(request, sub)
         finally:
-            manager.finish_resume(client, sub, last_replayed)
+            self.manager.finish_resume(self.client, sub, last_replayed)
 
     async def _replay(self, request: Subscribe, sub: Subscription) -> str | None:
         """Send retained events after ``since``; the id of the last event read, if any.
