@@ -147,7 +147,8 @@ def decode_event(raw: object, count_drop: Callable[[str], None], where: str) -> 
         return None
 
 
-def _text(value: object) -> str:
+def as_text(value: object) -> str:
+    """A Redis reply's bytes (an entry id, an error) as text."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
@@ -440,7 +441,7 @@ class BatchSender:
             if self._scripting:
                 reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
                     *self._script_call(runs, batch[-1][0]))
-                return [(ResponseError(_text(error)), sizes[int(call) - 1])
+                return [(ResponseError(as_text(error)), sizes[int(call) - 1])
                         for call, error in zip(reply[::2], reply[1::2], strict=True)]
             commands = [(*shared, last) for shared, lasts, _ in runs for last in lasts]
             if len(commands) == 1:

@@ -24,6 +24,7 @@ from flowtrace.transport._sender import (
     Backoff,
     Outage,
     SenderBackedTransport,
+    as_text,
     check_cancelled,
     log,
     make_client,
@@ -140,7 +141,7 @@ class RedisStreamTransport(SenderBackedTransport):
                 backoff.reset()
                 for entry_id, fields in _entries(response):
                     last = entry_id
-                    event = self._decode(entry_id, fields)
+                    event = self._decode(entry_id, _payload(fields))
                     if event is not None:
                         yield event
         finally:
@@ -175,7 +176,7 @@ class RedisStreamTransport(SenderBackedTransport):
     async def _stream_end(self, client: Redis) -> str:
         """The stream's last generated id (what ``$`` means now); ``0-0`` when it is missing."""
         info = await self._stream_info(client)
-        return "0-0" if info is None else _text(info["last-generated-id"])
+        return "0-0" if info is None else as_text(info["last-generated-id"])
 
     async def _stream_info(self, client: Redis) -> dict[str, Any] | None:
         try:
@@ -188,8 +189,8 @@ class RedisStreamTransport(SenderBackedTransport):
         check_cancelled()
         return info
 
-    def _decode(self, entry_id: str, fields: object) -> Event | None:
-        raw = fields.get(_FIELD_BYTES) if isinstance(fields, Mapping) else None
+    def _decode(self, entry_id: str, raw: object) -> Event | None:
+        """The event of one entry's payload (see :func:`_payload`), its ``id`` set."""
         event = _sender.decode_event(raw, self._count_drop, f"{self.stream} {entry_id}")
         if event is None:
             return None
@@ -222,10 +223,10 @@ class RedisStreamTransport(SenderBackedTransport):
             if not entries:
                 return
             for entry_id, fields in entries:
-                last = _text(entry_id)
-                if needle is not None and not _may_hold(fields, needle):
-                    continue
-                event = self._decode(last, fields)
+                last, raw = as_text(entry_id), _payload(fields)
+                if needle is not None and isinstance(raw, bytes) and needle not in raw:
+                    continue  # not this run's: not decoded
+                event = self._decode(last, raw)
                 if event is not None and pipeline_id in (None, event.pipeline_id):
                     yield event
 
@@ -264,20 +265,19 @@ def _json_string_bytes(text: str | None) -> bytes | None:
     return b'"' + text.encode() + b'"'
 
 
-def _may_hold(fields: object, needle: bytes) -> bool:
-    """False only for an entry whose payload is bytes without ``needle``."""
-    raw = fields.get(_FIELD_BYTES) if isinstance(fields, Mapping) else None
-    return not isinstance(raw, bytes) or needle in raw
+def _payload(fields: object) -> object:
+    """An entry's event JSON (bytes, as the client returns it), None when it has none."""
+    return fields.get(_FIELD_BYTES) if isinstance(fields, Mapping) else None
 
 
 def _trimmed_after(wanted: StreamId, info: Mapping[str, Any]) -> bool:
-    last = _id(_text(info["last-generated-id"]))
+    last = _id(as_text(info["last-generated-id"]))
     if wanted > last:
         return True
-    if _id(_text(info.get("max-deleted-entry-id") or "0-0")) > wanted:
+    if _id(as_text(info.get("max-deleted-entry-id") or "0-0")) > wanted:
         return True  # XDEL'd after `wanted` (Redis >= 7 tracks this)
     first = info.get("first-entry")
-    if first and wanted >= _id(_text(first[0])):
+    if first and wanted >= _id(as_text(first[0])):
         return False  # trimming only removes entries older than the first retained one
     added = info.get("entries-added")
     if added is None:
@@ -297,10 +297,6 @@ def _id(value: str) -> StreamId:
     return parsed if parsed is not None else (0, 0)
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _entries(response: object) -> Iterator[tuple[str, object]]:
     """``(entry id, fields)`` from an XREAD reply, RESP2 (list) or RESP3 (dict) shaped."""
     if not response:
@@ -311,4 +307,4 @@ def _entries(response: object) -> Iterator[tuple[str, object]]:
         per_stream = (item[1] for item in cast("list[Any]", response))
     for entries in per_stream:
         for entry_id, fields in entries:
-            yield _text(entry_id), fields
+            yield as_text(entry_id), fields
