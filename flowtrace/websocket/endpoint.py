@@ -310,17 +310,13 @@ class _Session:
         try:
             await self._unless_peer_left(self._resume(request, sub))
         finally:
-            if sub.held is not None:  # the resume never got to its end: the peer left
+            if sub.held is not None:  # the replay failed, or was given up: the peer left
                 manager.finish_resume(client, sub, None)
 
     async def _resume(self, request: Subscribe, sub: Subscription) -> None:
         """The replay, then live, with no await in between: live events held meanwhile may
         be let go of (to be read again) until the replay has handed over."""
-        last_replayed: str | None = None
-        try:
-            last_replayed = await self._replay(request, sub)
-        finally:
-            self.manager.finish_resume(self.client, sub, last_replayed)
+        self.manager.finish_resume(self.client, sub, await self._replay(request, sub))
 
     async def _replay(self, request: Subscribe, sub: Subscription) -> str | None:
         """Send retained events after ``since``; the id of the last event read, if any.
