@@ -13,7 +13,6 @@ router's REST routes list this process's runs. There is no history to resume fro
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Protocol
 
 from flowtrace.events import BaseEvent
@@ -27,8 +26,9 @@ class _HookManagerLike(Protocol):
     def add_hook(self, hook: object) -> object: ...
 
 
-_bridged_stores: weakref.WeakSet[RunStore] = weakref.WeakSet()
-"""Run stores that bridges gave their managers: every bridge to such a manager feeds it."""
+class BridgedRunStore(RunStore):
+    """The run store a bridge gave a manager that had none: every bridge to it feeds it
+    (a gateway feeds the store it gave its manager, and bridges leave that one alone)."""
 
 
 class WebSocketBridgeHook:
@@ -38,12 +38,9 @@ class WebSocketBridgeHook:
     def __init__(self, manager: FastAPIWebSocketManager) -> None:
         self.manager = manager
         if manager.store is None:
-            store = manager.store = RunStore()
-            _bridged_stores.add(store)
-        self.store: RunStore | None = None
+            manager.store = BridgedRunStore()
+        self.store = manager.store if isinstance(manager.store, BridgedRunStore) else None
         """The run store this bridge feeds; None when a gateway feeds the manager's."""
-        if isinstance(manager.store, RunStore) and manager.store in _bridged_stores:
-            self.store = manager.store
 
     async def on_event(self, event: BaseEvent) -> None:
         if self.store is not None:
@@ -64,4 +61,4 @@ def setup_websocket_bridge(hook_manager: _HookManagerLike,
     return hook
 
 
-__all__ = ["WebSocketBridgeHook", "setup_websocket_bridge"]
+__all__ = ["BridgedRunStore", "WebSocketBridgeHook", "setup_websocket_bridge"]
