@@ -80,7 +80,6 @@ def create_app(transport: Transport | None = None, *, max_connections: int = 100
         hook_manager.fed_by("gateway")
     gateway = Gateway(transport, store=store, manager=manager, hooks=hook_manager,
                       stale_after=stale_after)
-    metrics.transport_up.set_function(lambda: 1.0 if gateway.transport_reachable else 0.0)
 
     @asynccontextmanager
     async def gateway_lifespan(app: FastAPI) -> AsyncIterator[Any]:

@@ -80,6 +80,9 @@ class Gateway:
         self._rebuilt = False
         self._read_error: type[Exception] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        if store.metrics is not None:  # read at each scrape: nothing to keep in step
+            store.metrics.transport_up.set_function(
+                lambda: 1.0 if self.transport_reachable else 0.0)
 
     @property
     def running(self) -> bool:
@@ -133,19 +136,13 @@ class Gateway:
         """Run states from the retained history; counters count live events only (see
         :attr:`~flowtrace.metrics.GatewayMetrics.counting`)."""
         replayed = 0
-        metrics = self.store.metrics
-        if metrics is not None:
-            metrics.counting = False
-        try:
+        with self.store.replaying():
             async with _closing(self.transport.replay(self.last_id or FROM_BEGINNING)) as history:
                 async for event in history:
                     self.store.apply(event, now=_received_at(event))
                     if event.id:
                         self.last_id = event.id
                     replayed += 1
-        finally:
-            if metrics is not None:
-                metrics.counting = True
         self._rebuilt = True
         logger.info("flowtrace gateway: rebuilt %d run(s) from %d retained event(s)",
                     len(self.store), replayed)

@@ -18,8 +18,10 @@ declared LOST changes nothing: the run stays LOST and is counted once, as lost.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
 from collections import OrderedDict
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -338,6 +340,20 @@ class RunStore:
         run._book.gauge_label = None
 
     # ----------------------------------------------------------------- LOST sweep
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Apply retained history: run states and the in-progress gauge follow it, counters
+        and histograms do not (see :attr:`~flowtrace.metrics.GatewayMetrics.counting`)."""
+        metrics = self.metrics
+        if metrics is None:
+            yield
+            return
+        metrics.counting = False
+        try:
+            yield
+        finally:
+            metrics.counting = True
+
     def restart_silence(self, at: datetime) -> None:
         """Count no run's silence before ``at``: every RUNNING run gets a fresh ``stale_after``.
 
