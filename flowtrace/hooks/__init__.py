@@ -85,13 +85,9 @@ class EventFilter:
         self._types = frozenset(self.event_types)
 
     def matches(self, event: BaseEvent | EventFields) -> bool:
-        if isinstance(event, dict):
-            pipeline_id, event_type = event["pipeline_id"], event["type"]
-        else:
-            pipeline_id, event_type = event.pipeline_id, getattr(event, "type",
-                                                                 type(event).__name__)
+        pipeline_id = event["pipeline_id"] if isinstance(event, dict) else event.pipeline_id
         return (self._any_id or pipeline_id in self._ids) and (
-            self._any_type or event_type in self._types
+            self._any_type or _type_name(event) in self._types
         )
 
 
