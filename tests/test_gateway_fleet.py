@@ -19,10 +19,15 @@ import pytest
 import flowtrace
 from flowtrace.events import TERMINAL_TYPES, BaseEvent, PipelineStartEvent, StepStartEvent
 from flowtrace.transport.base import id_sort_key
-from flowtrace.transport.redis_stream import RedisStreamTransport
 from tests.support.collect import check_common, shape
 from tests.support.fleet import fleet_client
-from tests.support.gateway_proc import WsFeed, dumps, serve_gateways, stream_events
+from tests.support.gateway_proc import (
+    WsFeed,
+    dumps,
+    publish_to_stream,
+    serve_gateways,
+    stream_events,
+)
 from tests.support.processes import RedisServer, Workers, test_env, wait_for_log
 from tests.support.waiting import async_wait_until
 
@@ -338,26 +343,16 @@ async def test_runs_kicked_right_after_a_redis_restart_arrive_in_order(
 # --------------------------------------------------------------------------- 3c
 async def test_resume_from_before_a_redis_restart_reports_history_truncated(
         events_redis: RedisServer) -> None:
-    publisher = RedisStreamTransport(events_redis.url)
-    try:
-        for step_index in range(3):
-            await publisher.publish(StepStartEvent(
-                pipeline_id="before-restart", step_name="s", step_index=step_index,
-                task_id="t", attempt=1, worker="w"))
-        assert await publisher.flush(timeout=10)
-    finally:
-        await publisher.close()
+    await publish_to_stream(events_redis.url, [StepStartEvent(
+        pipeline_id="before-restart", step_name="s", step_index=step_index, task_id="t",
+        attempt=1, worker="w") for step_index in range(3)])
     first_id = (await stream_events(events_redis.url))[0].id  # a client saw this one
 
     events_redis.kill()
     events_redis.start()  # empty: the two events after first_id are gone for good
     after = f"after-restart-{uuid.uuid4().hex}"
-    publisher = RedisStreamTransport(events_redis.url)
-    try:
-        await publisher.publish(PipelineStartEvent(pipeline_id=after, pipeline_type="task"))
-        assert await publisher.flush(timeout=10)
-    finally:
-        await publisher.close()
+    await publish_to_stream(events_redis.url,
+                            [PipelineStartEvent(pipeline_id=after, pipeline_type="task")])
 
     with serve_gateways(events_redis.url, 1) as (gateway,):
         async with WsFeed.open(gateway.ws_url(f"/ws/*?since={first_id}")) as feed:
@@ -394,13 +389,8 @@ async def test_worker_killed_mid_step_is_declared_lost_once(
             await feed.send({"type": "subscribe", "pipeline_id": witness})
             await feed.wait(lambda: any(f["pipeline_id"] == witness
                                         for f in feed.frames_of("subscribed")), "subscribed")
-            publisher = RedisStreamTransport(events_redis.url)
-            try:
-                await publisher.publish(PipelineStartEvent(
-                    pipeline_id=witness, pipeline_name="witness", pipeline_type="task"))
-                assert await publisher.flush(timeout=10)
-            finally:
-                await publisher.close()
+            await publish_to_stream(events_redis.url, [PipelineStartEvent(
+                pipeline_id=witness, pipeline_name="witness", pipeline_type="task")])
             witnessed = await feed.wait_terminal(witness, timeout=60)
             assert witnessed[-1].status == "LOST"  # type: ignore[attr-defined]
 

@@ -16,7 +16,7 @@ from flowtrace.events import PipelineErrorEvent, PipelineStartEvent, utc_now
 from flowtrace.gateway import Gateway
 from flowtrace.runs import RunStore
 from flowtrace.transport.redis_stream import RedisStreamTransport
-from tests.support.gateway_proc import stream_events
+from tests.support.gateway_proc import publish_to_stream, stream_events
 from tests.support.processes import RedisServer
 from tests.support.waiting import async_wait_until
 
@@ -41,13 +41,8 @@ async def gateways(events_redis: RedisServer) -> AsyncIterator[list[Gateway]]:
 
 async def start_run(url: str) -> str:
     pipeline_id = f"silent-{uuid.uuid4().hex}"
-    publisher = RedisStreamTransport(url)
-    try:
-        await publisher.publish(PipelineStartEvent(
-            pipeline_id=pipeline_id, pipeline_name="silent", pipeline_type="task"))
-        assert await publisher.flush(timeout=10)
-    finally:
-        await publisher.close()
+    await publish_to_stream(url, [PipelineStartEvent(
+        pipeline_id=pipeline_id, pipeline_name="silent", pipeline_type="task")])
     return pipeline_id
 
 

@@ -16,8 +16,12 @@ from flowtrace.events import (
     StepCompleteEvent,
     StepStartEvent,
 )
-from flowtrace.transport.redis_stream import RedisStreamTransport
-from tests.support.gateway_proc import GatewayProcess, serve_gateways, stream_events
+from tests.support.gateway_proc import (
+    GatewayProcess,
+    publish_to_stream,
+    serve_gateways,
+    stream_events,
+)
 from tests.support.processes import RedisServer
 from tests.support.waiting import async_wait_until
 
@@ -36,17 +40,6 @@ def run_events(pipeline_id: str, name: str) -> tuple[list[BaseEvent], list[BaseE
         PipelineCompleteEvent(**common, duration_ms=2.0),
     ]
     return started, ended
-
-
-async def publish(url: str, events: list[BaseEvent]) -> None:
-    """Publish as a worker would, and wait until Redis has the events."""
-    publisher = RedisStreamTransport(url)
-    try:
-        for event in events:
-            await publisher.publish(event)
-        assert await publisher.flush(timeout=10)
-    finally:
-        await publisher.close()
 
 
 async def status_is(gateway: GatewayProcess, pipeline_id: str, status: str) -> bool:
@@ -77,7 +70,7 @@ async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServe
     alive, witness = f"alive-{uuid.uuid4().hex}", f"witness-{uuid.uuid4().hex}"
     started, ended = run_events(alive, "alive")
     with serve_gateways(events_redis.url, 1, "--stale-after", str(STALE_AFTER)) as (gateway,):
-        await publish(events_redis.url, started)
+        await publish_to_stream(events_redis.url, started)
         await async_wait_until(lambda: status_is(gateway, alive, "RUNNING"), timeout=30,
                                message="the run under way")
 
@@ -88,13 +81,13 @@ async def test_a_redis_outage_makes_no_running_run_lost(events_redis: RedisServe
                                message="the gateway deaf for twice stale_after")
         assert await gateway.metric("flowtrace_transport_up") == 0.0
         events_redis.start()
-        await publish(events_redis.url, ended)
+        await publish_to_stream(events_redis.url, ended)
         await async_wait_until(lambda: status_is(gateway, alive, "COMPLETED"), timeout=60,
                                message="the run's own end")
 
         # The sweep still works once Redis is back: a run silent from now on is declared
         # LOST, after whatever the gateway had buffered during the outage was published.
-        await publish(events_redis.url, run_events(witness, "witness")[0])
+        await publish_to_stream(events_redis.url, run_events(witness, "witness")[0])
         await async_wait_until(lambda: status_is(gateway, witness, "LOST"), timeout=60,
                                message="the silent witness declared LOST")
 
@@ -126,7 +119,7 @@ async def test_a_gateway_started_before_its_redis_says_so_once_and_catches_up() 
 
             run = f"after-{uuid.uuid4().hex}"
             started_events, ended_events = run_events(run, "after")
-            await publish(redis.url, started_events + ended_events)
+            await publish_to_stream(redis.url, started_events + ended_events)
             await async_wait_until(lambda: status_is(gateway, run, "COMPLETED"), timeout=60,
                                    message="the run published once Redis is up")
 

@@ -173,6 +173,17 @@ class WsFeed:
         await self.wait(lambda: len(self.frames_of("pong")) > before, "pong", timeout=15)
 
 
+async def publish_to_stream(url: str, events: list[BaseEvent]) -> None:
+    """Publish ``events`` as a worker would, and wait until Redis has them."""
+    publisher = RedisStreamTransport(url)
+    try:
+        for event in events:
+            await publisher.publish(event)
+        assert await publisher.flush(timeout=10)
+    finally:
+        await publisher.close()
+
+
 async def stream_events(url: str, since: str = FROM_BEGINNING) -> list[BaseEvent]:
     """The Redis stream's own content (every retained event after ``since``)."""
     transport = RedisStreamTransport(url)
